@@ -1,0 +1,475 @@
+"""Two toy agent tasks where consecutive observations are nearly identical.
+
+Importing this module registers, under the gymnasium namespace `grpo_cls`:
+
+    grpo_cls/LavaGrid-v0   a 5x5 gridworld: reach the goal, avoid lava, do not waste steps
+    grpo_cls/Kitchen-v0    a TextWorld/ALFWorld-style household task in words
+
+Both envs carry the same contract, which grpo_cls.py relies on:
+  - `reset(seed=, options={"task": k})` picks task instance k (a layout, a goal) deterministically;
+    without a task, the index is drawn from `self.np_random`. All dynamics noise is `self.np_random`.
+  - `split="train"` or `split="heldout"` (constructor) selects one of two disjoint task families.
+  - every `info` has `flawed` (the oracle's verdict on the action just taken), `success` and
+    `action_mask` (int8, 1 = admissible).
+  - `vocab` and `action_names` declare every token the observations and actions can contain, so a
+    tokenizer never has to learn its vocabulary from data seen at run time.
+  - `twin_probes()` returns pairs of observations that differ in at most two tokens, where one action
+    is good in the first and flawed in the second: the states where gradient coupling shows.
+  - `steps_to_go(state)` is the exact length of a shortest successful plan from a state. The oracle
+    is defined from it: an action is *flawed* iff it is not on some shortest plan (it is risky, or it
+    does not bring the goal one step closer). The scripted optimal policy follows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+# ---------------------------------------------------------------------------------------------
+# LavaGrid: a gridworld with risky and wasteful moves
+# ---------------------------------------------------------------------------------------------
+
+GRID_TOKENS = ("empty", "wall", "lava", "goal", "agent")
+EMPTY, WALL, LAVA, GOAL, AGENT = range(len(GRID_TOKENS))
+MOVES = ((-1, 0), (0, 1), (1, 0), (0, -1))  # (drow, dcol) for up, right, down, left
+MOVE_NAMES = ("up", "right", "down", "left")
+UNREACHABLE = 10**6
+
+
+def grid_is_heldout_goal(row: int, col: int) -> bool:
+    """The held-out family: layouts whose goal sits on one of 5 of the 25 interior cells."""
+    return (col + 2 * row) % 5 == 0
+
+
+class LavaGridEnv(gym.Env):
+    """Reach the goal in a walled 5x5 room with lava pools.
+
+    Stepping onto a cell beside lava is *risky*: with probability `slip_prob` the agent slips into
+    the lava and the episode fails. Bumping a wall or moving away from the goal is *wasteful*: it
+    burns the step budget. Both are flawed; a safe shortest path always exists.
+    Observation: the 7x7 token grid (border walls included); one move changes two tokens.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(self, split: str = "train", size: int = 5, n_lava: int = 3, slip_prob: float = 0.25,
+                 max_steps: int = 16, render_mode: str | None = None):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        if render_mode not in (None, "ansi"):
+            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        self.split, self.size, self.n_lava = split, size, n_lava
+        self.slip_prob, self.max_steps, self.render_mode = slip_prob, max_steps, render_mode
+        side = size + 2
+        self.observation_space = spaces.MultiDiscrete(np.full((side, side), len(GRID_TOKENS)), dtype=np.int64)
+        self.action_space = spaces.Discrete(len(MOVES))
+        self.vocab = list(GRID_TOKENS)
+        self.action_names = list(MOVE_NAMES)
+
+    # -- task instances -------------------------------------------------------------------------
+    def make_layout(self, task: int) -> np.ndarray:
+        """Task instance `task` of this split: a (side, side) token grid with the agent placed."""
+        rng = np.random.default_rng([task, 0 if self.split == "train" else 1])
+        side, n = self.size + 2, self.size
+        while True:  # rejection sampling; a valid layout is found in a few tries
+            grid = np.full((side, side), WALL, dtype=np.int64)
+            grid[1:-1, 1:-1] = EMPTY
+            cells = [(r, c) for r in range(1, n + 1) for c in range(1, n + 1)]
+            goal = cells[rng.integers(len(cells))]
+            if grid_is_heldout_goal(*goal) != (self.split == "heldout"):
+                continue
+            start = cells[rng.integers(len(cells))]
+            if abs(start[0] - goal[0]) + abs(start[1] - goal[1]) < 4:
+                continue
+            grid[goal] = GOAL
+            for i in rng.permutation(len(cells))[: self.n_lava]:
+                r, c = cells[i]
+                if abs(r - goal[0]) + abs(c - goal[1]) > 1 and abs(r - start[0]) + abs(c - start[1]) > 1:
+                    grid[r, c] = LAVA
+            dist = self._safe_distances(grid)
+            if 4 <= dist[start] <= 10:
+                grid[start] = AGENT
+                return grid
+
+    @staticmethod
+    def _safe_distances(grid: np.ndarray) -> np.ndarray:
+        """Shortest-path length to the goal through safe cells; unsafe cells get 1 + best safe neighbour."""
+        side = grid.shape[0]
+        lava = grid == LAVA
+        near_lava = np.zeros_like(lava)
+        for dr, dc in MOVES:
+            near_lava |= np.roll(lava, (dr, dc), axis=(0, 1))
+        passable = (grid != WALL) & ~lava
+        safe = passable & ~near_lava
+        dist = np.full(grid.shape, UNREACHABLE, dtype=np.int64)
+        goal = tuple(np.argwhere(grid == GOAL)[0])
+        dist[goal], frontier = 0, [goal]
+        while frontier:  # breadth-first search outward from the goal, over safe cells only
+            nxt = []
+            for r, c in frontier:
+                for dr, dc in MOVES:
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < side and 0 <= cc < side and safe[rr, cc] and dist[rr, cc] == UNREACHABLE:
+                        dist[rr, cc] = dist[r, c] + 1
+                        nxt.append((rr, cc))
+            frontier = nxt
+        for r, c in np.argwhere(passable & near_lava):  # one step out of danger, then the safe path
+            best = min(dist[r + dr, c + dc] for dr, dc in MOVES)
+            dist[r, c] = min(UNREACHABLE, best + 1)
+        return dist
+
+    # -- gymnasium API --------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        task = (options or {}).get("task")
+        if task is None:
+            task = int(self.np_random.integers(2**31 - 1))
+        self.task = int(task)
+        self.grid = self.make_layout(self.task)
+        self.agent = tuple(int(x) for x in np.argwhere(self.grid == AGENT)[0])
+        self.grid[self.agent] = EMPTY  # the grid holds the room; the agent is drawn in by _obs
+        self.dist = self._safe_distances(self.grid)
+        self.t, self.last = 0, None
+        return self._obs(), self._info(flawed=False, success=False)
+
+    def step(self, action):
+        if not self.action_space.contains(action):
+            raise ValueError(f"LavaGrid: action {action!r} is outside the action space {self.action_space} "
+                             f"(0=up, 1=right, 2=down, 3=left)")
+        flawed = self.is_flawed(self.agent, int(action))
+        dr, dc = MOVES[int(action)]
+        nxt = (self.agent[0] + dr, self.agent[1] + dc)
+        if self.grid[nxt] != WALL:
+            self.agent = nxt
+        self.t += 1
+        fell = self.grid[self.agent] == LAVA
+        if not fell and self.dist[self.agent] > 0 and self._near_lava(self.agent):
+            fell = bool(self.np_random.random() < self.slip_prob)  # the slip that makes a step risky
+        success = bool(self.grid[self.agent] == GOAL)
+        self.last = f"{MOVE_NAMES[int(action)]} -> " + ("slipped into lava" if fell else "goal" if success else "ok")
+        terminated = bool(fell or success)
+        truncated = bool(not terminated and self.t >= self.max_steps)
+        return self._obs(), float(success), terminated, truncated, self._info(flawed, success)
+
+    def render(self):
+        if self.render_mode != "ansi":
+            return None
+        chars = {EMPTY: ".", WALL: "#", LAVA: "~", GOAL: "G", AGENT: "A"}
+        rows = ["".join(chars[int(v)] for v in row) for row in self._obs()]
+        return "\n".join(rows) + f"\nstep {self.t}/{self.max_steps}" + (f"  last: {self.last}" if self.last else "")
+
+    # -- the oracle -------------------------------------------------------------------------------
+    def _near_lava(self, cell) -> bool:
+        return any(self.grid[cell[0] + dr, cell[1] + dc] == LAVA for dr, dc in MOVES)
+
+    def steps_to_go(self, cell=None) -> int:
+        """Length of a shortest safe plan from `cell` (default: the agent's cell)."""
+        return int(self.dist[cell or self.agent])
+
+    def is_flawed(self, cell, action: int) -> bool:
+        """Flawed = risky (lands beside or in lava) or wasteful (not one step closer on a safe path)."""
+        dr, dc = MOVES[action]
+        nxt = (cell[0] + dr, cell[1] + dc)
+        if self.grid[nxt] == WALL:
+            nxt = cell
+        if self.grid[nxt] == GOAL:
+            return False
+        risky = self.grid[nxt] == LAVA or self._near_lava(nxt)
+        return bool(risky or self.dist[nxt] != self.dist[cell] - 1)
+
+    def optimal_action(self) -> int:
+        """The scripted optimal policy: the first move that is not flawed."""
+        return next((a for a in range(len(MOVES)) if not self.is_flawed(self.agent, a)), 0)
+
+    # -- observations ----------------------------------------------------------------------------
+    def _obs(self) -> np.ndarray:
+        obs = self.grid.copy()  # (side, side) int64
+        obs[self.agent] = AGENT
+        return obs
+
+    def _info(self, flawed: bool, success: bool) -> dict:
+        return {"flawed": bool(flawed), "success": bool(success),
+                "action_mask": np.ones(len(MOVES), dtype=np.int8)}  # every move is legal; some waste
+
+    def twin_probes(self, n: int = 4) -> list[dict]:
+        """Agent on two neighbouring cells of one layout (2 tokens differ); the same move is good on
+        the first and flawed (risky or wasteful) on the second."""
+        probe_env = LavaGridEnv(split="train", size=self.size, n_lava=self.n_lava)
+        probes, task = [], 0
+        while len(probes) < n:  # one probe per layout, from layouts 0, 1, 2, ... until we have n
+            probe_env.reset(options={"task": task})
+            probe = self._first_twin(probe_env, task)
+            if probe is not None:
+                probes.append(probe)
+            task += 1
+        return probes
+
+    @staticmethod
+    def _first_twin(env: "LavaGridEnv", task: int) -> dict | None:
+        grid, dist = env.grid, env.dist
+        for r, c in np.argwhere((dist > 0) & (dist < UNREACHABLE) & (grid == EMPTY)):
+            for a, (dr, dc) in enumerate(MOVES):
+                twin = (int(r + dc), int(c + dr))  # the neighbour across the move's axis
+                if grid[twin] != EMPTY or not 0 < dist[twin] < UNREACHABLE:
+                    continue
+                if env.is_flawed((r, c), a) or not env.is_flawed(twin, a):
+                    continue
+                good, bad = grid.copy(), grid.copy()
+                good[r, c], bad[twin] = AGENT, AGENT
+                return {"obs_good": good, "obs_flawed": bad, "action": a,
+                        "mask_good": np.ones(4, np.int8), "mask_flawed": np.ones(4, np.int8),
+                        "note": f"layout {task}: '{MOVE_NAMES[a]}' at {(int(r), int(c))} vs {twin}"}
+        return None
+        return probes
+
+
+# ---------------------------------------------------------------------------------------------
+# Kitchen: a TextWorld/ALFWorld-style household task
+# ---------------------------------------------------------------------------------------------
+
+SURFACES = ("countertop", "diningtable", "shelf", "sinkbasin")
+CONTAINERS = ("cabinet", "drawer", "fridge")  # closed at the start; must be opened
+RECEPTACLES = SURFACES + CONTAINERS
+OBJECTS = ("mug", "apple", "plate", "bowl", "cup", "egg")
+SINK = "sinkbasin"
+GOAL_RECEPTACLES = tuple(r for r in RECEPTACLES if r != SINK)
+
+
+def kitchen_commands() -> list[str]:
+    """The fixed action set: every instantiation of every command template (33 commands).
+    `take`, `put` and `clean` act where the agent stands, so they name only the object."""
+    return ([f"go to {r}" for r in RECEPTACLES] + [f"open {r}" for r in CONTAINERS]
+            + [f"close {r}" for r in CONTAINERS] + [f"take {o}" for o in OBJECTS]
+            + [f"put {o}" for o in OBJECTS] + [f"clean {o}" for o in OBJECTS] + ["look", "inventory"])
+
+
+def kitchen_is_heldout(obj: str, goal: str, clean: bool) -> bool:
+    """The held-out family: a quarter of the (object, goal receptacle, clean?) combinations."""
+    return (OBJECTS.index(obj) + GOAL_RECEPTACLES.index(goal) + int(clean)) % 4 == 0
+
+
+@dataclasses.dataclass
+class KitchenState:
+    loc: str | None            # None = the middle of the room, where every episode starts
+    holding: str | None
+    where: dict[str, str]      # object -> receptacle, for objects not in hand
+    clean: frozenset[str]
+    opened: frozenset[str]
+
+
+class KitchenEnv(gym.Env):
+    """"Put a (clean) mug in the cabinet." Text observations, 33 discrete commands.
+
+    The observation repeats the task and the scene every step and adds the last two commands with
+    their feedback, so consecutive observations share almost every word, as agent prompts do.
+    Flawed commands (not on any shortest plan): repeats like `look`, back-and-forth moves, opening
+    or closing containers the task does not need, taking or cleaning irrelevant objects, and any
+    inadmissible command ("nothing happens", e.g. taking from a closed drawer).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    HISTORY = 2
+
+    def __init__(self, split: str = "train", max_steps: int = 12, render_mode: str | None = None):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        if render_mode not in (None, "ansi"):
+            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        self.split, self.max_steps, self.render_mode = split, max_steps, render_mode
+        self.commands = kitchen_commands()
+        self.action_names = list(self.commands)
+        self.action_space = spaces.Discrete(len(self.commands))
+        words = ("task : put a clean in . you are at the middle of room is open closed see nothing "
+                 "hold dirty history -> done happens ;").split()
+        self.vocab = sorted(set(words + list(RECEPTACLES) + list(OBJECTS)
+                                + " ".join(self.commands).split()))
+        self.max_words = 64  # an upper bound on the words of any observation (checked in the tests)
+        self.observation_space = spaces.Text(max_length=400, charset=string.ascii_lowercase + " :.;->")
+
+    # -- task instances -------------------------------------------------------------------------
+    def make_task(self, task: int) -> tuple[tuple[str, str, bool], KitchenState]:
+        """Task instance `task` of this split: ((object, goal receptacle, clean?), start state)."""
+        rng = np.random.default_rng([task, 2 if self.split == "train" else 3])
+        while True:
+            obj = OBJECTS[rng.integers(len(OBJECTS))]
+            goal = GOAL_RECEPTACLES[rng.integers(len(GOAL_RECEPTACLES))]
+            clean = bool(rng.integers(2))
+            if kitchen_is_heldout(obj, goal, clean) == (self.split == "heldout"):
+                break
+        others = [o for o in OBJECTS if o != obj]
+        distractors = [others[i] for i in rng.permutation(len(others))[: 1 + rng.integers(2)]]
+        sources = [r for r in RECEPTACLES if r != goal]
+        where = {obj: sources[rng.integers(len(sources))]}
+        for o in distractors:
+            where[o] = RECEPTACLES[rng.integers(len(RECEPTACLES))]
+        return (obj, goal, clean), KitchenState(None, None, where, frozenset(), frozenset())
+
+    # -- gymnasium API --------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        task = (options or {}).get("task")
+        if task is None:
+            task = int(self.np_random.integers(2**31 - 1))
+        self.task = int(task)
+        self.goal, self.state = self.make_task(self.task)
+        self.t, self.history = 0, []
+        return self._obs(), self._info(flawed=False, success=False)
+
+    def step(self, action):
+        if not self.action_space.contains(action):
+            raise ValueError(f"Kitchen: action {action!r} is outside the action space {self.action_space} "
+                             f"(commands 0..{len(self.commands) - 1}; see env.commands)")
+        command = self.commands[int(action)]
+        before = self.steps_to_go(self.state)
+        self.state, feedback = self.transition(self.state, command)
+        after = self.steps_to_go(self.state)
+        flawed = after != before - 1
+        self.t += 1
+        self.history = (self.history + [(command, feedback)])[-self.HISTORY:]
+        success = after == 0
+        truncated = bool(not success and self.t >= self.max_steps)
+        return self._obs(), float(success), success, truncated, self._info(flawed, success)
+
+    def render(self):
+        if self.render_mode != "ansi":
+            return None
+        return self._obs().replace(" . ", " .\n") + f"\nstep {self.t}/{self.max_steps}"
+
+    # -- dynamics: a pure function of (state, command) ------------------------------------------
+    @staticmethod
+    def admissible(s: KitchenState, command: str) -> bool:
+        verb, arg = command.split()[0], command.split()[-1]
+        here_open = s.loc is not None and (s.loc in SURFACES or s.loc in s.opened)
+        if verb == "go":
+            return arg != s.loc
+        if verb == "open":
+            return s.loc == arg and arg not in s.opened
+        if verb == "close":
+            return s.loc == arg and arg in s.opened
+        if verb == "take":
+            return s.holding is None and here_open and s.where.get(arg) == s.loc
+        if verb == "put":
+            return s.holding == arg and here_open
+        if verb == "clean":
+            return s.holding == arg and s.loc == SINK
+        return True  # look, inventory
+
+    @classmethod
+    def transition(cls, s: KitchenState, command: str) -> tuple[KitchenState, str]:
+        """The next state and the feedback word for `command` in state `s`. `s` is not modified."""
+        if not cls.admissible(s, command):
+            return s, "nothing happens"
+        verb, arg = command.split()[0], command.split()[-1]
+        if verb == "go":
+            return dataclasses.replace(s, loc=arg), "done"
+        if verb == "open":
+            return dataclasses.replace(s, opened=s.opened | {arg}), "done"
+        if verb == "close":
+            return dataclasses.replace(s, opened=s.opened - {arg}), "done"
+        if verb == "take":
+            where = {o: r for o, r in s.where.items() if o != arg}
+            return dataclasses.replace(s, holding=arg, where=where), "done"
+        if verb == "put":
+            return dataclasses.replace(s, holding=None, where={**s.where, arg: s.loc}), "done"
+        if verb == "clean":
+            return dataclasses.replace(s, clean=s.clean | {arg}), "done"
+        return s, "done"  # look, inventory: the observation already shows everything
+
+    # -- the oracle -------------------------------------------------------------------------------
+    def steps_to_go(self, s: KitchenState) -> int:
+        """Exact length of a shortest plan from `s` (a closed form; the tests check it against
+        breadth-first search over `transition`)."""
+        obj, goal, need_clean = self.goal
+        cleaned = obj in s.clean or not need_clean
+        if s.where.get(obj) == goal and cleaned:
+            return 0
+
+        def closed(r):  # one `open` needed before acting on r
+            return int(r in CONTAINERS and r not in s.opened)
+
+        def deliver(loc, goal_closed):  # holding obj at loc: (clean it,) carry it to the goal, put
+            if not cleaned:
+                return int(loc != SINK) + 1 + 1 + goal_closed + 1
+            return int(loc != goal) + goal_closed + 1
+
+        if s.holding == obj:
+            return deliver(s.loc, closed(goal))
+        src = s.where[obj]
+        fetch = int(s.loc != src) + closed(src) + 1            # go there, open it, take obj
+        if s.holding is not None:                               # hands full: put the other thing down
+            fetch += 1                                          # at obj's receptacle, on the way
+        return fetch + deliver(src, closed(goal) if src != goal else 0)
+
+    def is_flawed(self, command: str) -> bool:
+        return self.steps_to_go(self.transition(self.state, command)[0]) != self.steps_to_go(self.state) - 1
+
+    def optimal_action(self) -> int:
+        """The scripted optimal policy: the first command that is not flawed."""
+        return next(i for i, c in enumerate(self.commands) if not self.is_flawed(c))
+
+    # -- observations ----------------------------------------------------------------------------
+    def describe(self, goal, s: KitchenState, history) -> str:
+        obj, target, clean = goal
+        task = f"put a {'clean ' if clean else ''}{obj} in {target}"
+        where = "middle of room" if s.loc is None else s.loc
+        state = f" . {s.loc} is {'open' if s.loc in s.opened else 'closed'}" if s.loc in CONTAINERS else ""
+        visible = s.loc is not None and (s.loc in SURFACES or s.loc in s.opened)
+        seen = [o for o in OBJECTS if visible and s.where.get(o) == s.loc]
+        hold = "nothing" if s.holding is None else \
+            f"{'clean' if s.holding in s.clean else 'dirty'} {s.holding}"
+        hint = f"{obj} is in hand" if s.holding == obj else f"{obj} is in {s.where[obj]}"
+        past = " ; ".join(f"{c} -> {f}" for c, f in history) or "nothing"
+        return (f"task : {task} . you are at {where}{state} . you see {' '.join(seen) or 'nothing'} . "
+                f"you hold {hold} . {hint} . history : {past} .")
+
+    def _obs(self) -> str:
+        return self.describe(self.goal, self.state, self.history)
+
+    def _info(self, flawed: bool, success: bool) -> dict:
+        mask = np.array([self.admissible(self.state, c) for c in self.commands], dtype=np.int8)
+        return {"flawed": bool(flawed), "success": bool(success), "action_mask": mask,
+                "admissible_commands": [c for c, m in zip(self.commands, mask) if m]}
+
+    def twin_probes(self) -> list[dict]:
+        """Pairs of states one word apart (the task or the hint) where a command flips from good to
+        flawed: the 'one word changed in the prompt' case from the paper."""
+        S = KitchenState
+        mug_apple = {"mug": "countertop", "apple": "countertop"}
+        cases = [  # (goal in good twin, goal in flawed twin, state good, state flawed, command, note)
+            (("mug", "cabinet", False), ("apple", "cabinet", False),
+             S("countertop", None, mug_apple, frozenset(), frozenset()),
+             S("countertop", None, mug_apple, frozenset(), frozenset()), "take mug", "which object the task names"),
+            (("mug", "cabinet", True), ("mug", "cabinet", True),
+             S("countertop", "mug", {"apple": "shelf"}, frozenset(), frozenset()),
+             S("countertop", "mug", {"apple": "shelf"}, frozenset({"mug"}), frozenset()),
+             "go to sinkbasin", "dirty vs clean mug in hand"),
+            (("cup", "drawer", False), ("cup", "fridge", False),
+             S("shelf", "cup", {"egg": "shelf"}, frozenset(), frozenset()),
+             S("shelf", "cup", {"egg": "shelf"}, frozenset(), frozenset()), "go to drawer", "which receptacle the task names"),
+            (("plate", "shelf", False), ("plate", "shelf", False),
+             S(None, None, {"plate": "drawer", "bowl": "fridge"}, frozenset(), frozenset()),
+             S(None, None, {"plate": "fridge", "bowl": "drawer"}, frozenset(), frozenset()),
+             "go to drawer", "where the hint says the object is"),
+        ]
+        history = [("look", "done")]
+        probes = []
+        for goal_good, goal_bad, s_good, s_bad, command, note in cases:
+            masks = [np.array([self.admissible(s, c) for c in self.commands], np.int8) for s in (s_good, s_bad)]
+            probes.append({"obs_good": self.describe(goal_good, s_good, history),
+                           "obs_flawed": self.describe(goal_bad, s_bad, history),
+                           "action": self.commands.index(command), "mask_good": masks[0], "mask_flawed": masks[1],
+                           "note": f"'{command}': {note}"})
+        return probes
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration (idempotent, so re-importing does not warn)
+# ---------------------------------------------------------------------------------------------
+
+for _id, _cls in (("grpo_cls/LavaGrid-v0", LavaGridEnv), ("grpo_cls/Kitchen-v0", KitchenEnv)):
+    if _id not in gym.registry:
+        gym.register(id=_id, entry_point=_cls)

@@ -222,6 +222,7 @@ class LavaGridEnv(gym.Env):
                 good[r, c], bad[twin] = AGENT, AGENT
                 return {"obs_good": good, "obs_flawed": bad, "action": a,
                         "mask_good": np.ones(4, np.int8), "mask_flawed": np.ones(4, np.int8),
+                        "task": task, "cell_good": (int(r), int(c)), "cell_flawed": twin,
                         "note": f"layout {task}: '{MOVE_NAMES[a]}' at {(int(r), int(c))} vs {twin}"}
         return None
         return probes
@@ -284,10 +285,10 @@ class KitchenEnv(gym.Env):
         self.action_names = list(self.commands)
         self.action_space = spaces.Discrete(len(self.commands))
         words = ("task : put a clean in . you are at the middle of room is open closed see nothing "
-                 "hold dirty history -> done happens ;").split()
+                 "hold dirty hand history -> done happens ;").split()
         self.vocab = sorted(set(words + list(RECEPTACLES) + list(OBJECTS)
                                 + " ".join(self.commands).split()))
-        self.max_words = 64  # an upper bound on the words of any observation (checked in the tests)
+        self.max_words = 50  # an upper bound on the words of any observation (49; checked in the tests)
         self.observation_space = spaces.Text(max_length=400, charset=string.ascii_lowercase + " :.;->")
 
     # -- task instances -------------------------------------------------------------------------
@@ -462,7 +463,8 @@ class KitchenEnv(gym.Env):
             probes.append({"obs_good": self.describe(goal_good, s_good, history),
                            "obs_flawed": self.describe(goal_bad, s_bad, history),
                            "action": self.commands.index(command), "mask_good": masks[0], "mask_flawed": masks[1],
-                           "note": f"'{command}': {note}"})
+                           "goal_good": goal_good, "state_good": s_good, "goal_flawed": goal_bad,
+                           "state_flawed": s_bad, "note": f"'{command}': {note}"})
         return probes
 
 

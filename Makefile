@@ -1,0 +1,21 @@
+# Two commands: `make run` and `make test`. Each creates .venv from requirements.txt when needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test clean
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
+	touch $(STAMP)
+
+run: $(STAMP)  ## the main job: GRPO + classifier on the text task
+	$(PY) grpo_cls.py --cls-weight 0.5 --overwrite
+
+test: $(STAMP)  ## the whole test suite
+	$(PY) -m pytest -q test_grpo_cls.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache __pycache__

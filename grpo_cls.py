@@ -1,0 +1,642 @@
+"""GRPO with a good/bad-action classifier, on toy agent tasks: a minimal, runnable reference.
+
+    make run     # python grpo_cls.py --cls-weight 0.5   (the text task, about a minute on a laptop CPU)
+    make test
+
+Paper: Liu et al., "Rethinking Reward Miscalibration of GRPO in Agentic RL" / "Gradient Coupling"
+(arXiv:2509.23870). GRPO: Shao et al. (arXiv:2402.03300). Multi-turn GRPO as in verl-agent/GiGPO
+(arXiv:2505.10978). Squeezing effect: Ren & Sutherland (arXiv:2407.10490).
+
+The objective, per step sample (s, a) of trajectory j in a group of G trajectories of one task:
+    A_j      = (R_j - mean(R)) / (std(R) + eps)                      group-relative advantage
+    rho      = pi(a|s) / pi_old(a|s)
+    pg_loss  = -min(rho * A_j, clip(rho, 1 - epsilon, 1 + epsilon) * A_j)
+    kl       = exp(d) - d - 1,  d = log pi_ref(a|s) - log pi(a|s)    (k3 estimator)
+    cls_loss = BCE(c(s, a), y(s, a))                                 y = 1 if the action is bad
+    loss     = pg_loss + beta * kl + cls_weight * cls_loss
+Symbols -> code: G = num_generations, epsilon = clip range, beta = KL weight, R = outcome reward.
+
+Deviations from the paper (see the README for the reasons):
+  1. The actor is a 2-layer transformer, not an LLM; GCD's *generated* verdict becomes a linear
+     classifier head on the same (state, action) embedding that the policy's logit reads.
+  2. Labels for the classifier come from the advantage sign (default) or the env's oracle; the paper
+     does not pin its label source down.
+  3. The cold start is behaviour cloning on a noisy scripted agent; the prompt-based correction is omitted.
+  4. The loss averages over all step samples of the batch (one sample per environment step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import envs  # noqa: F401  (registers grpo_cls/LavaGrid-v0 and grpo_cls/Kitchen-v0)
+
+ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0"}
+CLS_LABELS = ("advantage", "oracle")
+SCALE_REWARDS = ("group", "batch", "none")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png")
+ROW_KEYS = ("train_success_rate", "train_flawed_rate", "success_rate", "ood_success_rate", "flawed_rate",
+            "ood_flawed_rate", "probe_flawed_prob", "probe_flawed_probs", "grad_cos_twin", "embed_cos_good_bad",
+            "adv_flawed_mean", "adv_good_mean", "zero_std_frac", "pg_loss", "cls_loss", "kl", "entropy",
+            "clip_frac", "cls_acc", "cls_oracle_acc")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: one dataclass; every field's help text becomes `--help`
+# ---------------------------------------------------------------------------------------------
+
+def arg(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    env: str = arg("text", "task: 'grid', 'text', or any registered gymnasium id")
+    seed: int = arg(1, "seed for torch, task sampling, env noise and action sampling")
+    iters: int = arg(80, "GRPO iterations (rollout + update)")
+    tasks_per_iter: int = arg(16, "task instances per iteration; each is run G times")
+    num_generations: int = arg(8, "G, trajectories per task (the group)")
+    lr: float = arg(1e-3, "Adam learning rate")
+    epsilon: float = arg(0.2, "PPO clip range epsilon")
+    beta: float = arg(0.0, "beta, weight of the k3 KL to the frozen cold-start policy (0 = no reference model)")
+    num_iterations: int = arg(1, "update epochs over each batch (TRL's num_iterations)")
+    minibatch_size: int = arg(64, "step samples per gradient step")
+    scale_rewards: str = arg("group", "advantage scaling: std of the group, of the batch, or none (mean only)",
+                             SCALE_REWARDS)
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    cls_weight: float = arg(0.0, "weight of the good/bad classification loss (0 = plain GRPO, no classifier built)")
+    cls_labels: str = arg("advantage", "classifier labels: sign of the trajectory advantage, or the env's oracle flag",
+                          CLS_LABELS)
+    sft_steps: int = arg(150, "cold start: behaviour-cloning steps on a noisy scripted agent (0 = none)")
+    sft_noise: float = arg(0.3, "cold start: chance the scripted agent takes a random admissible action")
+    sft_lr: float = arg(2e-3, "cold start: Adam learning rate")
+    d_model: int = arg(64, "transformer width d")
+    n_layers: int = arg(2, "transformer blocks")
+    n_heads: int = arg(4, "attention heads")
+    eval_every: int = arg(10, "evaluate and run diagnostics every N iterations (and at the last)")
+    eval_tasks: int = arg(128, "fixed task instances per evaluation split (in-domain and held-out)")
+    device: str = arg("auto", "auto picks cuda when available", ("auto", "cpu", "cuda"))
+    threads: int = arg(2, "torch CPU threads")
+    out: str = arg("", "run folder (default runs/<env>-cls<w>-seed<s>)")
+    overwrite: bool = arg(False, "allow writing into a non-empty run folder")
+    quiet: bool = arg(False, "no progress bar or summary")
+
+    def __post_init__(self):
+        self.env = ENV_ALIASES.get(self.env, self.env)
+        if self.env not in gym.registry:
+            raise ValueError(f"--env {self.env!r} is not registered; use 'grid', 'text' or a gymnasium id")
+        for name in ("iters", "tasks_per_iter", "num_iterations", "minibatch_size", "eval_every",
+                     "eval_tasks", "d_model", "n_layers", "n_heads", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_generations < 2:
+            raise ValueError(f"--num-generations must be >= 2 (a group needs a baseline), got {self.num_generations}")
+        for name in ("lr", "epsilon", "beta", "max_grad_norm", "cls_weight", "sft_noise", "sft_lr"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        if self.lr == 0:
+            raise ValueError("--lr must be > 0")
+        if self.sft_noise > 1 or self.sft_steps < 0:
+            raise ValueError("--sft-noise must be in [0, 1] and --sft-steps >= 0")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"--d-model ({self.d_model}) must be divisible by --n-heads ({self.n_heads})")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use auto or cpu")
+        if not self.out:
+            short = {v: k for k, v in ENV_ALIASES.items()}.get(self.env, self.env.replace("/", "_"))
+            self.out = f"runs/{short}-cls{self.cls_weight:g}-seed{self.seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: the vocabulary comes from what the env declares, never from data seen at run time
+# ---------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """Maps an observation to (L,) token ids. Token 0 is padding, token 1 is <s>, read out by the policy."""
+
+    def __init__(self, env: gym.Env):
+        base, space = env.unwrapped, env.observation_space
+        self.words = ["<pad>", "<s>"] + list(base.vocab)
+        self.action_names = list(base.action_names)
+        self.words += sorted({w for a in self.action_names for w in a.split()} - set(self.words))
+        self.index = {w: i for i, w in enumerate(self.words)}
+        if isinstance(space, gym.spaces.Text):
+            self.kind, self.seq_len = "text", 1 + base.max_words
+        elif isinstance(space, gym.spaces.MultiDiscrete):  # grid cells; value v is the word vocab[v]
+            self.kind, self.seq_len = "grid", 1 + int(np.prod(space.shape))
+        else:
+            raise ValueError(f"unsupported observation space {space}")
+        # (A, k) the words of each action's name, padded with 0: actions share word embeddings
+        k = max(len(a.split()) for a in self.action_names)
+        self.action_tokens = np.zeros((len(self.action_names), k), dtype=np.int64)
+        for i, name in enumerate(self.action_names):
+            ids = [self.index[w] for w in name.split()]
+            self.action_tokens[i, : len(ids)] = ids
+
+    def encode(self, obs) -> np.ndarray:
+        ids = np.zeros(self.seq_len, dtype=np.int64)  # (L,)
+        ids[0] = 1
+        if self.kind == "text":
+            words = obs.split()
+            if len(words) > self.seq_len - 1:
+                raise ValueError(f"observation has {len(words)} words, more than max_words={self.seq_len - 1}")
+            ids[1: 1 + len(words)] = [self.index[w] for w in words]
+        else:
+            ids[1:] = np.asarray(obs).reshape(-1) + 2  # grid value v -> word 2 + v
+        return ids
+
+    def decode(self, ids) -> str:
+        return " ".join(self.words[i] for i in ids if i > 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: a small pre-LN transformer; the policy logit and the classifier read one pair embedding
+# Letters: B = samples, L = tokens per observation, A = actions, d = width, k = words per action
+# ---------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, d: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):  # (B, L, d)
+        B, L, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, d/nh); every token sees every token
+        x = x + self.proj(y.transpose(1, 2).reshape(B, L, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class Policy(nn.Module):
+    """pi(a|s) = softmax_a(w . phi(s, a)) over admissible a; classifier c(s, a) = v . phi(s, a).
+
+    phi(s, a) is the policy's own embedding of the (state, action) pair. Training c on good/bad labels
+    moves phi of good and bad pairs apart, which is exactly the representation the policy logit uses.
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, action_tokens: np.ndarray, d: int, n_layers: int,
+                 n_heads: int, with_classifier: bool):
+        super().__init__()
+        self.tok_emb, self.pos_emb = nn.Embedding(vocab_size, d), nn.Embedding(seq_len, d)
+        self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.register_buffer("action_tokens", torch.as_tensor(action_tokens))  # (A, k)
+        self.act_emb = nn.Embedding(len(action_tokens), d)
+        # phi(s, a) = gelu(W_s h + W_a u + W_m (h * u)): a one-layer MLP on [h; u; h*u], split so that
+        # only the product term is computed per (state, action) pair
+        self.pair_s, self.pair_a, self.pair_m = nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.policy_head = nn.Linear(d, 1)
+        self.cls_head = nn.Linear(d, 1) if with_classifier else None
+
+    def state_embedding(self, tokens):  # (B, L) -> (B, d)
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.tok_emb(tokens) + self.pos_emb(pos)  # (B, L, d); padding is a token it learns to ignore
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x[:, 0])  # the <s> position summarises the observation
+
+    def action_embedding(self):  # -> (A, d): a per-action vector plus the mean of its words' vectors
+        words = self.action_tokens != 0  # (A, k)
+        word_mean = (self.tok_emb(self.action_tokens) * words[..., None]).sum(1) / words.sum(1, keepdim=True)
+        return self.act_emb.weight + word_mean
+
+    def pair_embedding(self, h):  # (B, d) -> phi (B, A, d)
+        u = self.action_embedding()                                                  # (A, d)
+        return F.gelu(self.pair_s(h)[:, None] + self.pair_a(u)[None] + self.pair_m(h[:, None] * u[None]))
+
+    def forward(self, tokens, action_mask):
+        """tokens (B, L), action_mask (B, A) bool -> logits (B, A), phi (B, A, d), cls logits (B, A) or None."""
+        phi = self.pair_embedding(self.state_embedding(tokens))
+        logits = self.policy_head(phi).squeeze(-1).masked_fill(~action_mask, -1e9)  # (B, A)
+        cls = self.cls_head(phi).squeeze(-1) if self.cls_head is not None else None
+        return logits, phi, cls
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss math, as small pure functions
+# ---------------------------------------------------------------------------------------------
+
+def group_advantages(R: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """R (K, G) outcome rewards -> A (K, G). A tied group gets exactly 0 whatever the scaling."""
+    centred = R - R.mean(dim=1, keepdim=True)
+    if scale == "group":
+        return centred / (R.std(dim=1, keepdim=True) + eps)  # unbiased std, as TRL
+    if scale == "batch":
+        return centred / (R.std() + eps)
+    return centred  # "none": the mean-only baseline (Dr. GRPO)
+
+
+def clipped_surrogate(logp, logp_old, A, epsilon: float):
+    """PPO-clip per sample: -min(rho * A, clip(rho, 1-eps, 1+eps) * A). All arguments (B,)."""
+    rho = torch.exp(logp - logp_old)
+    return -torch.min(rho * A, rho.clamp(1 - epsilon, 1 + epsilon) * A)
+
+
+def kl_k3(logp, logp_ref):
+    """k3 estimator of KL(pi || pi_ref) per sample: exp(d) - d - 1 with d = logp_ref - logp (>= 0)."""
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1
+
+
+def classification_loss(cls_logit, y, labelled):
+    """Mean BCE over labelled samples only. cls_logit, y (1 = bad), labelled (bool) are (B,)."""
+    if not labelled.any():
+        return cls_logit.sum() * 0.0  # keeps the graph; no label, no signal
+    return F.binary_cross_entropy_with_logits(cls_logit[labelled], y[labelled].float())
+
+
+def cls_targets(source: str, A, flawed):
+    """(y, labelled), both (B,): 'advantage' calls an action bad when its trajectory's A < 0 and leaves
+    A == 0 unlabelled; 'oracle' uses the env's flawed flag for every step."""
+    if source == "oracle":
+        return flawed.float(), torch.ones_like(flawed, dtype=torch.bool)
+    return (A < 0).float(), A != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout: all K*G envs step in lockstep, one batched forward per step, finished envs masked out
+# ---------------------------------------------------------------------------------------------
+
+def make_envs(cfg: Config, n: int, split: str = "train") -> list[gym.Env]:
+    return [gym.make(cfg.env, split=split) for _ in range(n)]
+
+
+@torch.inference_mode()
+def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=None):
+    """Run one episode in every env (env i plays task tasks[i] with seed seeds[i]).
+
+    Returns a dict of step-sample arrays (S = total steps): tokens (S, L), mask (S, A), action, logp,
+    traj, flawed, and per-trajectory arrays (N,): reward, success, length, and the first episode's text.
+    `pick(env, mask) -> action` replaces the policy (used by the cold start's scripted agent).
+    """
+    N = len(envs_)
+    obs, info = zip(*(e.reset(seed=int(s), options={"task": int(t)}) for e, s, t in zip(envs_, seeds, tasks)))
+    obs, masks = list(obs), [i["action_mask"] for i in info]
+    done = np.zeros(N, dtype=bool)
+    steps = {k: [] for k in ("tokens", "mask", "action", "logp", "traj", "flawed")}
+    reward, success, length = np.zeros(N), np.zeros(N, dtype=bool), np.zeros(N, dtype=np.int64)
+    transcript = [str(obs[0])]
+    while not done.all() and length.max() < max_len:
+        live = np.flatnonzero(~done)                                         # (n,) envs still running
+        x = np.stack([tok.encode(obs[i]) for i in live])                     # (n, L)
+        m = np.stack([masks[i] for i in live]).astype(bool)                  # (n, A)
+        logits, _, _ = policy(torch.as_tensor(x, device=device), torch.as_tensor(m, device=device))
+        logp_all = torch.log_softmax(logits, dim=-1)                            # (n, A)
+        a = torch.multinomial(logp_all.exp(), 1, generator=gen).squeeze(1)  # (n,)
+        logp = logp_all.gather(1, a[:, None]).squeeze(1)
+        a, logp = a.cpu().numpy(), logp.cpu().numpy()                        # one sync per env step
+        for j, i in enumerate(live):
+            act = int(a[j]) if pick is None else pick(envs_[i], masks[i])
+            o, r, term, trunc, inf = envs_[i].step(act)
+            for k, v in zip(steps, (x[j], m[j], act, logp[j], i, inf["flawed"])):
+                steps[k].append(v)
+            if i == 0:
+                transcript.append(f"> {tok.action_names[act]}{'   [flawed]' if inf['flawed'] else ''}\n{o}")
+            obs[i], masks[i] = o, inf["action_mask"]
+            reward[i] += r
+            length[i] += 1
+            if term or trunc:
+                done[i], success[i] = True, inf["success"]
+    batch = {k: np.asarray(v) for k, v in steps.items()}
+    batch.update(reward=reward, success=success, length=length, transcript="\n".join(transcript))
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics: coupling at the twin probes, measured on the live policy
+# ---------------------------------------------------------------------------------------------
+
+def probe_diagnostics(policy, tok, probes, device) -> dict:
+    """At each twin probe (s1 good for a, s2 flawed for a): pi(a|s2), the cosine of the gradients of
+    log pi(a|s1) and log pi(a|s2), and the cosine of the pair embeddings phi(s1, a), phi(s2, a)."""
+    params = [p for n, p in policy.named_parameters() if not n.startswith("cls_head")]
+    flawed_prob, grad_cos, embed_cos = [], [], []
+    for p in probes:
+        grads, phis = [], []
+        for key in ("good", "flawed"):
+            x = torch.as_tensor(tok.encode(p[f"obs_{key}"]), device=device)[None]        # (1, L)
+            m = torch.as_tensor(p[f"mask_{key}"].astype(bool), device=device)[None]      # (1, A)
+            logits, phi, _ = policy(x, m)
+            logp = torch.log_softmax(logits, dim=-1)[0, p["action"]]
+            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(logp, params)]))
+            phis.append(phi[0, p["action"]].detach())
+        flawed_prob.append(logp.exp().item())
+        grad_cos.append(F.cosine_similarity(grads[0], grads[1], dim=0).item())
+        embed_cos.append(F.cosine_similarity(phis[0], phis[1], dim=0).item())
+    return {"probe_flawed_prob": float(np.mean(flawed_prob)), "probe_flawed_probs": flawed_prob,
+            "grad_cos_twin": float(np.mean(grad_cos)), "embed_cos_good_bad": float(np.mean(embed_cos))}
+
+
+def evaluate(policy, tok, eval_envs, gen, device) -> dict:
+    """Sampled (not greedy) episodes on fixed tasks 0..n-1: greedy decoding would hide the flawed
+    actions that the policy still takes with small probability."""
+    n = len(eval_envs)
+    b = rollout(policy, eval_envs, tok, tasks=np.arange(n), seeds=np.arange(n) + 10**6, gen=gen, device=device)
+    return {"success": float(b["success"].mean()), "flawed": float(b["flawed"].mean()), "transcript": b["transcript"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cold start: behaviour cloning on a noisy scripted agent (the paper's actor starts from an SFT'd LLM)
+# ---------------------------------------------------------------------------------------------
+
+def cold_start(policy, cfg: Config, envs_, tok, rng, gen, device):
+    """Clone an agent that plays the env's optimal action, or with chance sft_noise a random
+    admissible one. The clone inherits its mistakes: a mediocre start that leaves GRPO work to do."""
+    if cfg.sft_steps == 0:
+        return
+    if not hasattr(envs_[0].unwrapped, "optimal_action"):
+        raise ValueError(f"--sft-steps needs an env with a scripted optimal_action(); {cfg.env} has none")
+
+    def noisy_expert(env, mask):
+        if rng.random() < cfg.sft_noise:
+            return int(rng.choice(np.flatnonzero(mask)))
+        return env.unwrapped.optimal_action()
+
+    demos = [rollout(policy, envs_, tok, tasks=rng.integers(2**31 - 1, size=len(envs_)),
+                     seeds=rng.integers(2**31 - 1, size=len(envs_)), gen=gen, device=device, pick=noisy_expert)
+             for _ in range(2)]  # about 1000 (state, action) demonstrations
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.sft_lr)
+    x, m, a = (torch.as_tensor(np.concatenate([d[k] for d in demos]), device=device)
+               for k in ("tokens", "mask", "action"))
+    for _ in range(cfg.sft_steps):
+        idx = torch.randint(len(a), (cfg.minibatch_size,), generator=gen, device=device)
+        logits, _, _ = policy(x[idx], m[idx])
+        loss = F.cross_entropy(logits, a[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def grpo_update(policy, ref, opt, cfg: Config, batch, A_traj, device) -> dict:
+    """num_iterations epochs of minibatch steps on the batch. Returns the mean of each logged term."""
+    x, m = torch.as_tensor(batch["tokens"], device=device), torch.as_tensor(batch["mask"], device=device)
+    a, logp_old = torch.as_tensor(batch["action"], device=device), torch.as_tensor(batch["logp"], device=device)
+    A = A_traj[torch.as_tensor(batch["traj"], device=device)]       # (S,) every step gets its trajectory's A
+    flawed = torch.as_tensor(batch["flawed"], device=device)
+    y, labelled = cls_targets(cfg.cls_labels, A, flawed) if policy.cls_head is not None else (None, A != 0)
+    # a sample with A = 0, no classifier label and no KL term has zero gradient: skip it (as DAPO drops
+    # groups whose rewards all tie). The loss is then a mean over the samples that carry signal.
+    useful = torch.nonzero((A != 0) | labelled | (ref is not None)).squeeze(1)   # (S',)
+    logs = {k: [] for k in ("pg_loss", "cls_loss", "kl", "entropy", "clip_frac", "cls_acc", "cls_oracle_acc")}
+    for _ in range(cfg.num_iterations):
+        for idx in useful[torch.randperm(len(useful), device=device)].split(cfg.minibatch_size):
+            logits, _, cls = policy(x[idx], m[idx])
+            logp_all = torch.log_softmax(logits, dim=-1)                        # (b, A)
+            logp = logp_all.gather(1, a[idx, None]).squeeze(1)                 # (b,)
+            pg_loss = clipped_surrogate(logp, logp_old[idx], A[idx], cfg.epsilon).mean()
+            kl = torch.zeros((), device=device)
+            if ref is not None:
+                with torch.no_grad():
+                    logp_ref = torch.log_softmax(ref(x[idx], m[idx])[0], dim=-1).gather(1, a[idx, None]).squeeze(1)
+                kl = kl_k3(logp, logp_ref).mean()
+            cls_loss = torch.zeros((), device=device)
+            if cls is not None:
+                c = cls.gather(1, a[idx, None]).squeeze(1)                     # (b,) score of the taken action
+                cls_loss = classification_loss(c, y[idx], labelled[idx])
+                lab = labelled[idx]
+                logs["cls_acc"].append(((c[lab] > 0) == (y[idx][lab] > 0)).float().mean())
+                logs["cls_oracle_acc"].append(((c > 0) == flawed[idx]).float().mean())
+            loss = pg_loss + cfg.beta * kl + cfg.cls_weight * cls_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            opt.step()
+            p = logp_all.exp()
+            logs["pg_loss"].append(pg_loss.detach())
+            logs["cls_loss"].append(cls_loss.detach())
+            logs["kl"].append(kl.detach())
+            logs["entropy"].append(-(p * logp_all).masked_fill(~m[idx], 0).sum(1).mean().detach())
+            logs["clip_frac"].append(((logp - logp_old[idx]).exp().sub(1).abs() > cfg.epsilon).float().mean())
+    out = {k: (torch.stack(v).nanmean().item() if v else None) for k, v in logs.items()}  # one sync per update
+    if policy.cls_head is None:
+        out["cls_loss"] = None
+    if ref is None:
+        out["kl"] = None
+    return out
+
+
+def build(cfg: Config):
+    """Seeded RNGs, the device, the tokenizer and the policy, from the config alone."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    tok = Tokenizer(gym.make(cfg.env))
+    policy = Policy(len(tok.words), tok.seq_len, tok.action_tokens, cfg.d_model, cfg.n_layers, cfg.n_heads,
+                    with_classifier=cfg.cls_weight > 0).to(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    return device, tok, policy, gen, np.random.default_rng(cfg.seed)
+
+
+def train(cfg: Config) -> dict:
+    """The whole run. Returns the summary; writes the run folder."""
+    device, tok, policy, gen, rng = build(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg) | {"torch": torch.__version__, "numpy": np.__version__,
+                                             "gymnasium": gym.__version__, "device": str(device)}, f, indent=2)
+    K, G = cfg.tasks_per_iter, cfg.num_generations
+    train_envs = make_envs(cfg, K * G)
+    eval_envs = {"": make_envs(cfg, cfg.eval_tasks), "ood_": make_envs(cfg, cfg.eval_tasks, "heldout")}
+    probes = getattr(train_envs[0].unwrapped, "twin_probes", lambda: [])()
+    cold_start(policy, cfg, train_envs, tok, rng, gen, device)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    eval_gen = torch.Generator(device=device)
+    metrics, env_steps, t0 = [], 0, time.time()
+    log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
+
+    def log(row):
+        row["wall_s"] = round(time.time() - t0, 3)
+        metrics.append(row)
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+
+    # iteration 0: the cold-started policy, before any GRPO update
+    log({"iter": 0, "env_steps": 0} | {k: None for k in ROW_KEYS}
+        | run_evaluation(policy, tok, eval_envs, probes, eval_gen, cfg, device, 0))
+    bar = tqdm(range(1, cfg.iters + 1), disable=cfg.quiet, desc="grpo", unit="it", dynamic_ncols=True)
+    try:
+        for it in bar:
+            # 1. rollout: G trajectories from identical initial states of each of K tasks
+            tasks = np.repeat(rng.integers(2**31 - 1, size=K), G)                   # (K*G,)
+            batch = rollout(policy, train_envs, tok, tasks, rng.integers(2**31 - 1, size=K * G), gen, device)
+            env_steps += len(batch["action"])
+            # 2. advantages: one outcome reward per trajectory, one advantage for all its steps
+            R = torch.as_tensor(batch["reward"], dtype=torch.float32, device=device).view(K, G)
+            A_traj = group_advantages(R, cfg.scale_rewards).view(-1)                # (K*G,)
+            A_steps = A_traj.cpu().numpy()[batch["traj"]]                           # (S,)
+            flawed = batch["flawed"]
+            row = {k: None for k in ROW_KEYS} | {
+                "iter": it, "env_steps": env_steps,
+                "train_success_rate": float(batch["success"].mean()), "train_flawed_rate": float(flawed.mean()),
+                "adv_flawed_mean": float(A_steps[flawed].mean()) if flawed.any() else None,
+                "adv_good_mean": float(A_steps[~flawed].mean()) if (~flawed).any() else None,
+                "zero_std_frac": float((R.std(dim=1) == 0).float().mean())}
+            # 3. update
+            row |= grpo_update(policy, ref, opt, cfg, batch, A_traj, device)
+            # 4. evaluation and coupling diagnostics, every eval_every iterations
+            if it % cfg.eval_every == 0 or it == cfg.iters:
+                row |= run_evaluation(policy, tok, eval_envs, probes, eval_gen, cfg, device, it)
+            # 5. log
+            log(row)
+            bar.set_postfix(success=f"{row['train_success_rate']:.2f}", flawed=f"{row['train_flawed_rate']:.3f}")
+    except KeyboardInterrupt:
+        save_checkpoint(policy, opt, cfg, metrics)
+        plot_run(metrics, cfg.out)
+        print(f"\ninterrupted after iteration {metrics[-1]['iter']}; metrics, plots and a checkpoint are in "
+              f"{cfg.out}", file=sys.stderr)
+        raise
+    finally:
+        log_file.close()
+    save_checkpoint(policy, opt, cfg, metrics)
+    summary = summarize(metrics, cfg)
+    plot_run(metrics, cfg.out)
+    return summary
+
+
+def run_evaluation(policy, tok, eval_envs, probes, gen, cfg, device, it) -> dict:
+    row = {}
+    gen.manual_seed(cfg.seed + 7919)  # the same sampling noise at every evaluation
+    for prefix, envs_ in eval_envs.items():
+        r = evaluate(policy, tok, envs_, gen, device)
+        row |= {f"{prefix}success_rate": r["success"], f"{prefix}flawed_rate": r["flawed"]}
+        with open(os.path.join(cfg.out, f"episode_{prefix or 'train_'}iter{it:04d}.txt"), "w") as f:
+            f.write(r["transcript"] + "\n")
+    if probes:
+        row |= probe_diagnostics(policy, tok, probes, device)
+    return row
+
+
+def save_checkpoint(policy, opt, cfg: Config, metrics):
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    torch.save({"model": policy.state_dict(), "optimizer": opt.state_dict(), "iter": len(metrics),
+                "config": dataclasses.asdict(cfg)}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a checkpoint
+
+
+def summarize(metrics: list[dict], cfg: Config) -> dict:
+    last_eval = next((m for m in reversed(metrics) if m["success_rate"] is not None), {})
+    keys = ("success_rate", "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
+            "grad_cos_twin", "embed_cos_good_bad")
+    summary = {"iters": metrics[-1]["iter"] if metrics else 0, "env_steps": metrics[-1]["env_steps"] if metrics else 0,
+               "wall_s": metrics[-1]["wall_s"] if metrics else 0} | {k: last_eval.get(k) for k in keys}
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+def plot_run(metrics: list[dict], out: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(m["iter"], m[key]) for m in metrics if m.get(key) is not None]
+        return zip(*pts) if pts else ([], [])
+
+    panels = [
+        ("training curves.png", [
+            ("success", ["train_success_rate", "success_rate", "ood_success_rate"]),
+            ("flawed-action rate", ["train_flawed_rate", "flawed_rate", "ood_flawed_rate"]),
+            ("losses", ["pg_loss", "cls_loss", "kl"]),
+            ("policy", ["entropy", "clip_frac", "zero_std_frac"])]),
+        ("coupling diagnostics coupling.png", [
+            ("pi(flawed action | flawed twin)", ["probe_flawed_prob"]),
+            ("cosines at the twin probes", ["grad_cos_twin", "embed_cos_good_bad"]),
+            ("mean advantage by action kind", ["adv_flawed_mean", "adv_good_mean"]),
+            ("classifier accuracy", ["cls_acc", "cls_oracle_acc"])]),
+    ]
+    for title, axes_spec in panels:
+        fig, axes = plt.subplots(1, len(axes_spec), figsize=(4.2 * len(axes_spec), 3.2))
+        for ax, (name, keys) in zip(axes, axes_spec):
+            for key in keys:
+                x, y = series(key)
+                ax.plot(list(x), list(y), marker="." if key in ("success_rate", "ood_success_rate") else None,
+                        label=key)
+            ax.set_title(name, fontsize=10)
+            ax.set_xlabel("iteration")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, title.split()[-1]), dpi=110)
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: argparse built from the Config fields
+# ---------------------------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None) -> Config:
+    parser = OneLineParser(prog="grpo_cls.py", description=__doc__.split("\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=typ, default=f.default, choices=f.metadata["choices"],
+                                help=f.metadata["help"])
+    args = parser.parse_args(argv)
+    try:
+        return Config(**vars(args))
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+        if not cfg.overwrite:
+            print(f"grpo_cls.py: error: run folder {cfg.out} is not empty; pass --overwrite or another --out",
+                  file=sys.stderr)
+            sys.exit(2)
+        for name in os.listdir(cfg.out):  # clear what an earlier run wrote, so no stale file survives
+            if name.startswith("episode_") or name in RUN_FILES:
+                os.remove(os.path.join(cfg.out, name))
+    try:
+        summary = train(cfg)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if not cfg.quiet:
+        print(json.dumps(summary, indent=2))
+        print(f"run folder: {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""The specification of grpo_cls.py and envs.py, as tests. Run: make test."""
+
+import collections
+import json
+import math
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import envs
+import grpo_cls as g
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV_IDS = ["grpo_cls/LavaGrid-v0", "grpo_cls/Kitchen-v0"]
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss math, checked exactly
+# ---------------------------------------------------------------------------------------------
+
+def test_group_advantages_mean_only_is_reward_minus_group_mean():
+    R = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    A = g.group_advantages(R, "none")
+    assert torch.allclose(A, torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.75, -0.25, -0.25, -0.25]]))
+
+
+def test_group_advantages_group_scaling_divides_by_unbiased_group_std():
+    R = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    std = torch.tensor([[math.sqrt(1 / 3)], [0.5]])  # sample std with n-1 = 3
+    assert torch.allclose(g.group_advantages(R, "group"), (R - R.mean(1, keepdim=True)) / (std + 1e-4))
+
+
+def test_group_advantages_batch_scaling_divides_by_one_batch_std():
+    R = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    expected = torch.tensor([[0.5, -0.5], [0.0, 0.0]]) / (R.std() + 1e-4)
+    assert torch.allclose(g.group_advantages(R, "batch"), expected)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_tied_group_gets_exactly_zero_advantage(scale):
+    R = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    A = g.group_advantages(R, scale)
+    assert torch.equal(A[:2], torch.zeros(2, 3)) and A[2].abs().sum() > 0
+
+
+def test_clipped_surrogate_values_and_gradient():
+    eps = 0.2
+    rho = torch.tensor([1.0, 1.5, 1.5, 0.5, 0.5, 1.1])
+    A = torch.tensor([1.0, 1.0, -1.0, 1.0, -1.0, -2.0])
+    logp_old = torch.zeros(6)
+    logp = rho.log().requires_grad_(True)
+    loss = g.clipped_surrogate(logp, logp_old, A, eps)
+    # -min(rho A, clip(rho) A)
+    assert torch.allclose(loss, torch.tensor([-1.0, -1.2, 1.5, -0.5, 0.8, 2.2]), atol=1e-6)
+    loss.sum().backward()
+    # d/dlogp of -rho*A is -rho*A where the unclipped term is the min; 0 where the clipped one is
+    assert torch.allclose(logp.grad, torch.tensor([-1.0, 0.0, 1.5, -0.5, 0.0, 2.2]), atol=1e-6)
+
+
+def test_kl_k3_is_zero_at_equality_nonnegative_and_unbiased_for_kl():
+    logp = torch.log_softmax(torch.tensor([0.3, -1.0, 2.0, 0.1]), 0)
+    logp_ref = torch.log_softmax(torch.tensor([1.0, 0.0, -0.5, 0.2]), 0)
+    assert torch.equal(g.kl_k3(logp, logp), torch.zeros(4))
+    assert (g.kl_k3(logp, logp_ref) >= 0).all()
+    # E_{a~pi}[k3] = KL(pi || pi_ref) exactly, because E_pi[pi_ref / pi] = 1
+    expected_kl = (logp.exp() * (logp - logp_ref)).sum()
+    assert torch.allclose((logp.exp() * g.kl_k3(logp, logp_ref)).sum(), expected_kl, atol=1e-6)
+
+
+def test_classification_loss_ignores_unlabelled_samples_in_value_and_gradient():
+    logit = torch.tensor([2.0, -1.0, 0.5, 3.0], requires_grad=True)
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    labelled = torch.tensor([True, True, False, False])
+    loss = g.classification_loss(logit, y, labelled)
+    manual = -(math.log(torch.sigmoid(torch.tensor(2.0))) + math.log(1 - torch.sigmoid(torch.tensor(-1.0)))) / 2
+    assert loss.item() == pytest.approx(manual, rel=1e-6)
+    loss.backward()
+    assert logit.grad[2] == 0 and logit.grad[3] == 0 and logit.grad[0] != 0
+    none = g.classification_loss(logit, y, torch.zeros(4, dtype=torch.bool))
+    assert none.item() == 0.0
+
+
+def test_advantage_labels_call_negative_advantage_bad_and_leave_ties_unlabelled():
+    A = torch.tensor([0.7, -0.3, 0.0])
+    flawed = torch.tensor([True, False, True])
+    y, labelled = g.cls_targets("advantage", A, flawed)
+    assert y.tolist() == [0.0, 1.0, 0.0] and labelled.tolist() == [True, True, False]
+    y, labelled = g.cls_targets("oracle", A, flawed)
+    assert y.tolist() == [1.0, 0.0, 1.0] and labelled.all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The environments
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_env_passes_gymnasium_check_env(env_id, split):
+    check_env(gym.make(env_id, split=split, render_mode="ansi").unwrapped)
+
+
+def play(env, actions, seed=0, task=3):
+    obs, info = env.reset(seed=seed, options={"task": task})
+    trace = [str(obs)]
+    for a in actions:
+        obs, r, term, trunc, info = env.step(a)
+        trace.append((str(obs), r, term, trunc, info["flawed"]))
+        if term or trunc:
+            break
+    return trace
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_same_seed_and_task_give_the_same_episode(env_id):
+    env = gym.make(env_id)
+    actions = np.random.default_rng(0).integers(env.action_space.n, size=30)
+    assert play(env, actions, seed=5) == play(env, actions, seed=5)
+    layouts = {str(env.reset(seed=s)[0]) for s in range(20)}  # no task given: drawn from the seed
+    assert len(layouts) > 10
+
+
+def test_grid_slips_come_from_the_seed():
+    env = gym.make("grpo_cls/LavaGrid-v0", slip_prob=0.5).unwrapped
+
+    def steps_until_slip(seed):  # stand beside the lava at (1,3) of layout 0 and bump the wall above
+        env.reset(seed=seed, options={"task": 0})
+        env.agent = (1, 4)
+        for t in range(1, 17):
+            _, _, term, trunc, info = env.step(0)
+            assert info["flawed"]  # a wall bump beside lava is both wasteful and risky
+            if term or trunc:
+                return t, term
+    outcomes = [steps_until_slip(seed) for seed in range(30)]
+    assert len(set(outcomes)) > 3                      # different seeds, different slips
+    assert outcomes == [steps_until_slip(seed) for seed in range(30)]  # the same seed, the same slips
+    falls = sum(term for _, term in outcomes)
+    assert falls == 30                                  # at p = 0.5, 16 tries: all fall (1 - 2**-16 each)
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_scripted_optimal_policy_solves_every_task_with_zero_flawed_actions(env_id, split):
+    env = gym.make(env_id, split=split)
+    for task in range(150):
+        env.reset(seed=task, options={"task": task})
+        start = env.unwrapped.steps_to_go(env.unwrapped.state) if "Kitchen" in env_id else env.unwrapped.steps_to_go()
+        for t in range(env.unwrapped.max_steps):
+            _, _, term, trunc, info = env.step(env.unwrapped.optimal_action())
+            assert not info["flawed"], f"task {task} step {t}"
+            if term or trunc:
+                break
+        assert info["success"] and t + 1 == start, f"task {task}: {t + 1} steps, plan said {start}"
+
+
+def test_train_and_heldout_families_are_disjoint():
+    for split, want in (("train", False), ("heldout", True)):
+        grid, kitchen = gym.make("grpo_cls/LavaGrid-v0", split=split), gym.make("grpo_cls/Kitchen-v0", split=split)
+        for task in range(100):
+            goal = tuple(np.argwhere(grid.unwrapped.make_layout(task) == envs.GOAL)[0])
+            assert envs.grid_is_heldout_goal(*goal) == want
+            assert envs.kitchen_is_heldout(*kitchen.unwrapped.make_task(task)[0]) == want
+
+
+def kitchen_at(goal, state):
+    env = gym.make("grpo_cls/Kitchen-v0").unwrapped
+    env.reset(options={"task": 0})
+    env.goal, env.state = goal, state
+    return env
+
+
+def test_kitchen_oracle_flags_each_kind_of_flawed_command():
+    S = envs.KitchenState
+    env = kitchen_at(("mug", "cabinet", True), S("countertop", None, {"mug": "countertop", "apple": "countertop"},
+                                                  frozenset(), frozenset()))
+    assert not env.is_flawed("take mug")
+    assert env.is_flawed("take apple")          # an irrelevant object
+    assert env.is_flawed("look")                # a repeat of what the observation already shows
+    assert env.is_flawed("go to fridge")        # a detour
+    assert env.is_flawed("open drawer")         # inadmissible here: nothing happens
+    env = kitchen_at(("mug", "cabinet", False), S("cabinet", "mug", {}, frozenset(), frozenset()))
+    assert env.is_flawed("put mug")             # acting on a closed container: nothing happens
+    assert not env.is_flawed("open cabinet")
+    env = kitchen_at(("mug", "cabinet", False), S("cabinet", "mug", {}, frozenset(), frozenset({"cabinet"})))
+    assert env.is_flawed("close cabinet") and env.is_flawed("go to sinkbasin")  # undoing progress; needless cleaning
+
+
+def test_kitchen_steps_to_go_equals_breadth_first_search_over_the_dynamics():
+    env = gym.make("grpo_cls/Kitchen-v0").unwrapped
+    key = lambda s: (s.loc, s.holding, tuple(sorted(s.where.items())), s.clean, s.opened)  # noqa: E731
+    for task in (0, 3, 8, 11):  # tasks with one distractor: ~10^4 reachable states each
+        env.reset(options={"task": task})
+        # every state reachable from the start, then distances to success by backward BFS
+        seen, frontier, edges = {key(env.state): env.state}, [env.state], collections.defaultdict(set)
+        while frontier:
+            nxt = []
+            for s in frontier:
+                for c in env.commands:
+                    s2 = env.transition(s, c)[0]
+                    k2 = key(s2)
+                    edges[k2].add(key(s))
+                    if k2 not in seen and env.steps_to_go(s) > 0:
+                        seen[k2] = s2
+                        nxt.append(s2)
+            frontier = nxt
+        dist = {k: 0 for k, s in seen.items() if env.steps_to_go(s) == 0}
+        frontier = list(dist)
+        while frontier:
+            nxt = []
+            for k in frontier:
+                for k0 in edges[k]:
+                    if k0 not in dist:
+                        dist[k0] = dist[k] + 1
+                        nxt.append(k0)
+            frontier = nxt
+        assert len(seen) > 500
+        for k, s in seen.items():
+            assert env.steps_to_go(s) == dist[k], f"task {task} state {s}"
+
+
+def test_grid_oracle_flags_wall_bumps_lava_edges_and_detours():
+    env = gym.make("grpo_cls/LavaGrid-v0").unwrapped
+    env.reset(options={"task": 0})
+    # layout 0: lava at (1,3), (3,1), (5,4); goal at (1,5)
+    assert env.grid[1, 3] == envs.LAVA and env.grid[1, 5] == envs.GOAL
+    assert not env.is_flawed((2, 5), 0)   # up onto the goal
+    assert env.is_flawed((2, 5), 1)       # right: a wall bump
+    assert env.is_flawed((2, 4), 0)       # up to (1,4), which borders lava: risky
+    assert env.is_flawed((2, 5), 2)       # down: away from the goal
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_twin_probes_differ_in_at_most_two_tokens_and_flip_the_oracle(env_id):
+    env = gym.make(env_id).unwrapped
+    env.reset(options={"task": 0})
+    tok = g.Tokenizer(gym.make(env_id))
+    probes = env.twin_probes()
+    assert len(probes) >= 4
+    for p in probes:
+        diff = (tok.encode(p["obs_good"]) != tok.encode(p["obs_flawed"])).sum()
+        assert 1 <= diff <= 2, p["note"]
+        assert p["mask_good"][p["action"]] and p["mask_flawed"][p["action"]]
+        if "Kitchen" in env_id:
+            command = env.commands[p["action"]]
+            assert not kitchen_at(p["goal_good"], p["state_good"]).is_flawed(command)
+            assert kitchen_at(p["goal_flawed"], p["state_flawed"]).is_flawed(command)
+        else:
+            env.reset(options={"task": p["task"]})
+            assert not env.is_flawed(p["cell_good"], p["action"]) and env.is_flawed(p["cell_flawed"], p["action"])
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.parametrize("bad", [-1, 99, 1.5, "up"])
+def test_out_of_space_action_raises_a_clear_error(env_id, bad):
+    env = gym.make(env_id).unwrapped
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="outside the action space"):
+        env.step(bad)
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_random_play_keeps_info_keys_and_observations_in_the_declared_vocabulary(env_id):
+    env, rng = gym.make(env_id), np.random.default_rng(0)
+    tok = g.Tokenizer(env)
+    for episode in range(30):
+        obs, info = env.reset(seed=episode)
+        done = False
+        while not done:
+            assert env.observation_space.contains(obs)
+            tok.encode(obs)  # raises on a word the env did not declare
+            obs, r, term, trunc, info = env.step(int(rng.integers(env.action_space.n)))
+            assert {"flawed", "success", "action_mask"} <= set(info)
+            assert info["action_mask"].shape == (env.action_space.n,) and info["action_mask"].any()
+            done = term or trunc
+        assert info["success"] == (r == 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+def tiny(**kw):
+    base = dict(env="text", iters=2, tasks_per_iter=2, num_generations=2, eval_tasks=4, eval_every=1,
+                sft_steps=2, threads=1, d_model=32, out="")
+    return g.Config(**(base | kw))
+
+
+def test_rollout_stores_the_log_probs_the_policy_gives_and_one_sample_per_step():
+    cfg = tiny(out="unused")
+    device, tok, policy, gen, rng = g.build(cfg)
+    envs_ = g.make_envs(cfg, 6)
+    b = g.rollout(policy, envs_, tok, tasks=np.array([1, 1, 1, 2, 2, 2]), seeds=np.arange(6), gen=gen, device=device)
+    assert len(b["action"]) == b["length"].sum() == len(b["tokens"])
+    assert np.array_equal(np.bincount(b["traj"], minlength=6), b["length"])
+    with torch.no_grad():
+        logits = policy(torch.as_tensor(b["tokens"]), torch.as_tensor(b["mask"]))[0]
+    logp = torch.log_softmax(logits, -1).gather(1, torch.as_tensor(b["action"])[:, None]).squeeze(1)
+    assert np.allclose(logp.numpy(), b["logp"], atol=1e-5)
+    assert b["mask"][np.arange(len(b["action"])), b["action"]].all()  # never an inadmissible command
+
+
+def test_identical_twins_have_cosine_one():
+    cfg = tiny(out="unused", cls_weight=0.5)
+    device, tok, policy, gen, rng = g.build(cfg)
+    p = gym.make(cfg.env).unwrapped.twin_probes()[0]
+    same = dict(p, obs_flawed=p["obs_good"], mask_flawed=p["mask_good"])
+    d = g.probe_diagnostics(policy, tok, [same], device)
+    assert d["grad_cos_twin"] == pytest.approx(1.0, abs=1e-5) and d["embed_cos_good_bad"] == pytest.approx(1.0, abs=1e-5)
+    d = g.probe_diagnostics(policy, tok, [p], device)
+    assert d["grad_cos_twin"] < 1 - 1e-4 and 0 < d["probe_flawed_prob"] < 1
+
+
+def test_classifier_is_built_only_when_its_weight_is_positive():
+    assert g.build(tiny(out="unused"))[2].cls_head is None
+    assert g.build(tiny(out="unused", cls_weight=0.5))[2].cls_head is not None
+
+
+def test_short_training_run_raises_success_above_the_cold_start(tmp_path):
+    """20 GRPO iterations must lift in-domain success well above where the cold start left it."""
+    cfg = g.Config(env="text", iters=20, eval_every=20, eval_tasks=64, threads=2, quiet=True,
+                   out=str(tmp_path / "run"), seed=0)
+    summary = g.train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    first, last = rows[0], rows[-1]
+    assert first["iter"] == 0 and last["iter"] == 20
+    assert last["success_rate"] >= first["success_rate"] + 0.2, (first["success_rate"], last["success_rate"])
+    assert last["flawed_rate"] < first["flawed_rate"]
+    assert summary["success_rate"] == last["success_rate"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line and the run folder
+# ---------------------------------------------------------------------------------------------
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(HERE, "grpo_cls.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--env", "nope"], "--env"), (["--num-generations", "1"], "--num-generations"), (["--lr", "-1"], "--lr"),
+    (["--cls-weight", "nan"], "--cls-weight"), (["--scale-rewards", "std"], "--scale-rewards"),
+    (["--iters", "x"], "--iters")])
+def test_bad_arguments_exit_2_with_one_line_and_no_traceback(args, says):
+    r = cli(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, r.stderr
+
+
+def test_help_documents_every_config_field():
+    out = cli("--help").stdout
+    for f in g.dataclasses.fields(g.Config):
+        assert "--" + f.name.replace("_", "-") in out
+
+
+def test_cli_smoke_run_writes_the_whole_run_folder(tmp_path):
+    out = tmp_path / "run"
+    r = cli("--iters", "2", "--tasks-per-iter", "2", "--num-generations", "2", "--eval-tasks", "4",
+            "--eval-every", "1", "--sft-steps", "3", "--cls-weight", "0.5", "--threads", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png",
+                 "episode_train_iter0002.txt", "episode_ood_iter0002.txt"):
+        assert (out / name).exists(), name
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    keys = ("iter env_steps wall_s success_rate ood_success_rate flawed_rate ood_flawed_rate probe_flawed_prob "
+            "grad_cos_twin embed_cos_good_bad adv_flawed_mean adv_good_mean zero_std_frac cls_acc pg_loss "
+            "cls_loss kl entropy clip_frac").split()
+    assert [r["iter"] for r in rows] == [0, 1, 2] and all(set(keys) <= set(row) for row in rows)
+    assert rows[-1]["kl"] is None and rows[-1]["cls_loss"] is not None  # beta = 0: no reference, so null
+    again = cli("--iters", "1", "--out", str(out))
+    assert again.returncode == 2 and "not empty" in again.stderr

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test clean
+.PHONY: run test figures clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ run: $(STAMP)  ## the main job: GRPO + classifier on the text task
 
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest -q test_grpo_cls.py
+
+figures: run  ## refresh the README's figures from the main run
+	mkdir -p docs
+	cp runs/text-cls0.5-seed1/curves.png runs/text-cls0.5-seed1/coupling.png docs/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache __pycache__

@@ -545,7 +545,10 @@ def summarize(metrics: list[dict], cfg: Config) -> dict:
     last_eval = next((m for m in reversed(metrics) if m["success_rate"] is not None), {})
     keys = ("success_rate", "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
             "grad_cos_twin", "embed_cos_good_bad")
-    summary = {"iters": metrics[-1]["iter"] if metrics else 0, "env_steps": metrics[-1]["env_steps"] if metrics else 0,
+    first = metrics[0] if metrics else {}
+    summary = {"initial_success_rate": first.get("success_rate"), "initial_ood_success_rate": first.get("ood_success_rate"),
+               "initial_flawed_rate": first.get("flawed_rate")}
+    summary |= {"iters": metrics[-1]["iter"] if metrics else 0, "env_steps": metrics[-1]["env_steps"] if metrics else 0,
                "wall_s": metrics[-1]["wall_s"] if metrics else 0} | {k: last_eval.get(k) for k in keys}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -634,8 +637,20 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit(130)
     if not cfg.quiet:
-        print(json.dumps(summary, indent=2))
-        print(f"run folder: {cfg.out}")
+        print_summary(summary, cfg)
+
+
+def print_summary(s: dict, cfg: Config):
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"{cfg.env} | cls_weight {cfg.cls_weight:g} ({cfg.cls_labels} labels) | seed {cfg.seed} | "
+          f"{s['iters']} iters, {s['env_steps']} env steps, {s['wall_s']:.0f} s")
+    print(f"  success       in-domain {f(s['initial_success_rate'])} -> {f(s['success_rate'])}   "
+          f"held-out {f(s['initial_ood_success_rate'])} -> {f(s['ood_success_rate'])}")
+    print(f"  flawed rate   in-domain {f(s['initial_flawed_rate'])} -> {f(s['flawed_rate'])}   "
+          f"held-out {f(s['ood_flawed_rate'])}")
+    print(f"  twin probes   pi(flawed) {f(s['probe_flawed_prob'])}   grad cos {f(s['grad_cos_twin'])}   "
+          f"embed cos {f(s['embed_cos_good_bad'])}")
+    print(f"  run folder    {cfg.out}  (curves.png, coupling.png, metrics.jsonl, episode_*.txt)")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,14 @@ from tqdm import tqdm
 
 import envs  # noqa: F401  (registers grpo_cls/LavaGrid-v0 and grpo_cls/Kitchen-v0)
 
+class TrainingError(Exception):
+    """A run cannot go on; main() prints the message as one line and exits 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the run saved a checkpoint and stops; main() exits 130."""
+
+
 ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0"}
 CLS_LABELS = ("advantage", "oracle")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -53,7 +62,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "c
 ROW_KEYS = ("train_success_rate", "train_flawed_rate", "success_rate", "ood_success_rate", "flawed_rate",
             "ood_flawed_rate", "probe_flawed_prob", "probe_flawed_probs", "grad_cos_twin", "embed_cos_good_bad",
             "adv_flawed_mean", "adv_good_mean", "zero_std_frac", "pg_loss", "cls_loss", "kl", "entropy",
-            "clip_frac", "cls_acc", "cls_oracle_acc")
+            "clip_frac", "cls_acc", "cls_oracle_acc", "eval_return", "ood_eval_return")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +76,7 @@ def arg(default, help: str, choices=None):
 @dataclass
 class Config:
     env: str = arg("text", "task: 'grid', 'text', or any registered gymnasium id")
+    env_kwargs: str = arg("{}", "JSON object of keyword arguments for gymnasium.make")
     seed: int = arg(1, "seed for torch, task sampling, env noise and action sampling")
     iters: int = arg(80, "GRPO iterations (rollout + update)")
     tasks_per_iter: int = arg(16, "task instances per iteration; each is run G times")
@@ -94,12 +104,19 @@ class Config:
     threads: int = arg(2, "torch CPU threads")
     out: str = arg("", "run folder (default runs/<env>-cls<w>-seed<s>)")
     overwrite: bool = arg(False, "allow writing into a non-empty run folder")
+    resume: str = arg("", "continue the run in this folder from its checkpoint (flags given override its config)")
     quiet: bool = arg(False, "no progress bar or summary")
 
     def __post_init__(self):
         self.env = ENV_ALIASES.get(self.env, self.env)
         if self.env not in gym.registry:
             raise ValueError(f"--env {self.env!r} is not registered; use 'grid', 'text' or a gymnasium id")
+        try:
+            kwargs = json.loads(self.env_kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--env-kwargs is not valid JSON ({e.msg}); give an object like '{{\"is_slippery\": false}}'")
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--env-kwargs must be a JSON object, got {self.env_kwargs!r}")
         for name in ("iters", "tasks_per_iter", "num_iterations", "minibatch_size", "eval_every",
                      "eval_tasks", "d_model", "n_layers", "n_heads", "threads"):
             if getattr(self, name) < 1:
@@ -128,20 +145,37 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 
 class Tokenizer:
-    """Maps an observation to (L,) token ids. Token 0 is padding, token 1 is <s>, read out by the policy."""
+    """Maps an observation to (L,) token ids. Token 0 is padding, token 1 is <s>, read out by the policy.
+
+    Our envs declare `vocab` (and Kitchen `max_words`); for any other env the vocabulary is read off the
+    observation space: Discrete -> one token, MultiDiscrete or a small integer Box -> one token per
+    cell, Text -> one token per character.
+    """
 
     def __init__(self, env: gym.Env):
         base, space = env.unwrapped, env.observation_space
-        self.words = ["<pad>", "<s>"] + list(base.vocab)
-        self.action_names = list(base.action_names)
+        if not isinstance(env.action_space, gym.spaces.Discrete):
+            raise ValueError(f"the action space must be Discrete, got {env.action_space}")
+        self.action_names = list(getattr(base, "action_names", [f"action{i}" for i in range(env.action_space.n)]))
+        vocab = getattr(base, "vocab", None)
+        if isinstance(space, gym.spaces.Text):
+            self.kind = "words" if vocab else "chars"
+            vocab = vocab or sorted(space.character_set)
+            self.seq_len = 1 + (base.max_words if self.kind == "words" else space.max_length)
+        elif isinstance(space, gym.spaces.Discrete):
+            self.kind, self.low, self.seq_len = "cells", int(space.start), 2
+            vocab = vocab or [f"obs{i}" for i in range(space.n)]
+        elif isinstance(space, gym.spaces.MultiDiscrete) or is_small_int_box(space):
+            low = space.low if isinstance(space, gym.spaces.Box) else np.zeros(space.shape, np.int64)
+            high = space.high if isinstance(space, gym.spaces.Box) else space.nvec - 1
+            self.kind, self.low, self.seq_len = "cells", low.astype(np.int64), 1 + int(np.prod(space.shape))
+            vocab = vocab or [f"v{i}" for i in range(int((high - low).max()) + 1)]
+        else:
+            raise ValueError(f"unsupported observation space {space}; supported: Discrete, MultiDiscrete, "
+                             f"Box with small integer bounds, Text")
+        self.words = ["<pad>", "<s>"] + list(vocab)
         self.words += sorted({w for a in self.action_names for w in a.split()} - set(self.words))
         self.index = {w: i for i, w in enumerate(self.words)}
-        if isinstance(space, gym.spaces.Text):
-            self.kind, self.seq_len = "text", 1 + base.max_words
-        elif isinstance(space, gym.spaces.MultiDiscrete):  # grid cells; value v is the word vocab[v]
-            self.kind, self.seq_len = "grid", 1 + int(np.prod(space.shape))
-        else:
-            raise ValueError(f"unsupported observation space {space}")
         # (A, k) the words of each action's name, padded with 0: actions share word embeddings
         k = max(len(a.split()) for a in self.action_names)
         self.action_tokens = np.zeros((len(self.action_names), k), dtype=np.int64)
@@ -152,17 +186,21 @@ class Tokenizer:
     def encode(self, obs) -> np.ndarray:
         ids = np.zeros(self.seq_len, dtype=np.int64)  # (L,)
         ids[0] = 1
-        if self.kind == "text":
-            words = obs.split()
-            if len(words) > self.seq_len - 1:
-                raise ValueError(f"observation has {len(words)} words, more than max_words={self.seq_len - 1}")
-            ids[1: 1 + len(words)] = [self.index[w] for w in words]
-        else:
-            ids[1:] = np.asarray(obs).reshape(-1) + 2  # grid value v -> word 2 + v
+        if self.kind == "cells":  # cell value v -> word 2 + v - low
+            ids[1:] = (np.asarray(obs) - self.low).reshape(-1) + 2
+            return ids
+        units = obs.split() if self.kind == "words" else list(obs)
+        if len(units) > self.seq_len - 1:
+            raise ValueError(f"observation has {len(units)} {self.kind}, more than the {self.seq_len - 1} declared")
+        ids[1: 1 + len(units)] = [self.index[u] for u in units]
         return ids
 
-    def decode(self, ids) -> str:
-        return " ".join(self.words[i] for i in ids if i > 1)
+
+def is_small_int_box(space) -> bool:
+    """A Box whose bounds are finite integers at most 256 apart: each cell is then one token."""
+    return (isinstance(space, gym.spaces.Box) and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))
+            and np.all(space.low == np.round(space.low)) and np.all(space.high == np.round(space.high))
+            and float((space.high - space.low).max()) <= 256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,8 +316,17 @@ def cls_targets(source: str, A, flawed):
 # Rollout: all K*G envs step in lockstep, one batched forward per step, finished envs masked out
 # ---------------------------------------------------------------------------------------------
 
+def is_ours(cfg: Config) -> bool:
+    """Our envs take options={"task": k} and split=; any other env is reset from a seed alone."""
+    return cfg.env.startswith("grpo_cls/")
+
+
 def make_envs(cfg: Config, n: int, split: str = "train") -> list[gym.Env]:
-    return [gym.make(cfg.env, split=split) for _ in range(n)]
+    """n copies of the env. Only our envs have a held-out family; others get [] for split='heldout'."""
+    kwargs = json.loads(cfg.env_kwargs) | ({"split": split} if is_ours(cfg) else {})
+    if split != "train" and not is_ours(cfg):
+        return []
+    return [gym.make(cfg.env, **kwargs) for _ in range(n)]
 
 
 @torch.inference_mode()
@@ -290,9 +337,11 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
     traj, flawed, and per-trajectory arrays (N,): reward, success, length, and the first episode's text.
     `pick(env, mask) -> action` replaces the policy (used by the cold start's scripted agent).
     """
-    N = len(envs_)
-    obs, info = zip(*(e.reset(seed=int(s), options={"task": int(t)}) for e, s, t in zip(envs_, seeds, tasks)))
-    obs, masks = list(obs), [i["action_mask"] for i in info]
+    N, n_actions = len(envs_), envs_[0].action_space.n
+    options = [None] * N if tasks is None else [{"task": int(t)} for t in tasks]
+    obs, info = zip(*(e.reset(seed=int(s), options=o) for e, s, o in zip(envs_, seeds, options)))
+    all_legal = np.ones(n_actions, dtype=np.int8)  # for envs that give no action_mask
+    obs, masks = list(obs), [i.get("action_mask", all_legal) for i in info]
     done = np.zeros(N, dtype=bool)
     steps = {k: [] for k in ("tokens", "mask", "action", "logp", "traj", "flawed")}
     reward, success, length = np.zeros(N), np.zeros(N, dtype=bool), np.zeros(N, dtype=np.int64)
@@ -309,17 +358,19 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
         for j, i in enumerate(live):
             act = int(a[j]) if pick is None else pick(envs_[i], masks[i])
             o, r, term, trunc, inf = envs_[i].step(act)
-            for k, v in zip(steps, (x[j], m[j], act, logp[j], i, inf["flawed"])):
+            flawed = bool(inf.get("flawed", False))
+            for k, v in zip(steps, (x[j], m[j], act, logp[j], i, flawed)):
                 steps[k].append(v)
             if i == 0:
-                transcript.append(f"> {tok.action_names[act]}{'   [flawed]' if inf['flawed'] else ''}\n{o}")
-            obs[i], masks[i] = o, inf["action_mask"]
+                transcript.append(f"> {tok.action_names[act]}{'   [flawed]' if flawed else ''}\n{o}")
+            obs[i], masks[i] = o, inf.get("action_mask", all_legal)
             reward[i] += r
             length[i] += 1
             if term or trunc:
-                done[i], success[i] = True, inf["success"]
+                done[i], success[i] = True, bool(inf.get("success", False))
     batch = {k: np.asarray(v) for k, v in steps.items()}
-    batch.update(reward=reward, success=success, length=length, transcript="\n".join(transcript))
+    batch.update(reward=reward, success=success, length=length, transcript="\n".join(transcript),
+                 has_oracle="flawed" in inf, has_success="success" in inf)
     return batch
 
 
@@ -351,9 +402,12 @@ def probe_diagnostics(policy, tok, probes, device) -> dict:
 def evaluate(policy, tok, eval_envs, gen, device) -> dict:
     """Sampled (not greedy) episodes on fixed tasks 0..n-1: greedy decoding would hide the flawed
     actions that the policy still takes with small probability."""
-    n = len(eval_envs)
-    b = rollout(policy, eval_envs, tok, tasks=np.arange(n), seeds=np.arange(n) + 10**6, gen=gen, device=device)
-    return {"success": float(b["success"].mean()), "flawed": float(b["flawed"].mean()), "transcript": b["transcript"]}
+    n, ours = len(eval_envs), eval_envs[0].unwrapped.spec.id.startswith("grpo_cls/")
+    b = rollout(policy, eval_envs, tok, tasks=np.arange(n) if ours else None, seeds=np.arange(n) + 10**6,
+                gen=gen, device=device)
+    return {"success": float(b["success"].mean()) if b["has_success"] else None,
+            "flawed": float(b["flawed"].mean()) if b["has_oracle"] else None,
+            "return": float(b["reward"].mean()), "transcript": b["transcript"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +420,8 @@ def cold_start(policy, cfg: Config, envs_, tok, rng, gen, device):
     if cfg.sft_steps == 0:
         return
     if not hasattr(envs_[0].unwrapped, "optimal_action"):
-        raise ValueError(f"--sft-steps needs an env with a scripted optimal_action(); {cfg.env} has none")
+        print(f"note: {cfg.env} has no scripted optimal_action(); no cold start", file=sys.stderr)
+        return
 
     def noisy_expert(env, mask):
         if rng.random() < cfg.sft_noise:
@@ -392,8 +447,9 @@ def cold_start(policy, cfg: Config, envs_, tok, rng, gen, device):
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def grpo_update(policy, ref, opt, cfg: Config, batch, A_traj, device) -> dict:
-    """num_iterations epochs of minibatch steps on the batch. Returns the mean of each logged term."""
+def grpo_update(policy, ref, opt, cfg: Config, batch, A_traj, gen, device) -> dict:
+    """num_iterations epochs of minibatch steps on the batch. Returns the mean of each logged term,
+    and under "nonfinite" the name of the first term that was NaN or infinite (None if all were finite)."""
     x, m = torch.as_tensor(batch["tokens"], device=device), torch.as_tensor(batch["mask"], device=device)
     a, logp_old = torch.as_tensor(batch["action"], device=device), torch.as_tensor(batch["logp"], device=device)
     A = A_traj[torch.as_tensor(batch["traj"], device=device)]       # (S,) every step gets its trajectory's A
@@ -403,8 +459,9 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A_traj, device) -> dict:
     # groups whose rewards all tie). The loss is then a mean over the samples that carry signal.
     useful = torch.nonzero((A != 0) | labelled | (ref is not None)).squeeze(1)   # (S',)
     logs = {k: [] for k in ("pg_loss", "cls_loss", "kl", "entropy", "clip_frac", "cls_acc", "cls_oracle_acc")}
-    for _ in range(cfg.num_iterations):
-        for idx in useful[torch.randperm(len(useful), device=device)].split(cfg.minibatch_size):
+    finite = {k: torch.ones((), dtype=torch.bool, device=device) for k in ("pg_loss", "cls_loss", "kl", "grad_norm")}
+    for _ in range(cfg.num_iterations if len(useful) else 0):  # every group tied: nothing to learn
+        for idx in useful[torch.randperm(len(useful), device=device, generator=gen)].split(cfg.minibatch_size):
             logits, _, cls = policy(x[idx], m[idx])
             logp_all = torch.log_softmax(logits, dim=-1)                        # (b, A)
             logp = logp_all.gather(1, a[idx, None]).squeeze(1)                 # (b,)
@@ -424,8 +481,10 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A_traj, device) -> dict:
             loss = pg_loss + cfg.beta * kl + cfg.cls_weight * cls_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             opt.step()
+            for name, v in (("pg_loss", pg_loss), ("cls_loss", cls_loss), ("kl", kl), ("grad_norm", grad_norm)):
+                finite[name] &= torch.isfinite(v)  # no host sync here; checked once after the update
             p = logp_all.exp()
             logs["pg_loss"].append(pg_loss.detach())
             logs["cls_loss"].append(cls_loss.detach())
@@ -433,6 +492,7 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A_traj, device) -> dict:
             logs["entropy"].append(-(p * logp_all).masked_fill(~m[idx], 0).sum(1).mean().detach())
             logs["clip_frac"].append(((logp - logp_old[idx]).exp().sub(1).abs() > cfg.epsilon).float().mean())
     out = {k: (torch.stack(v).nanmean().item() if v else None) for k, v in logs.items()}  # one sync per update
+    out["nonfinite"] = next((k for k, ok in finite.items() if not ok.item()), None)
     if policy.cls_head is None:
         out["cls_loss"] = None
     if ref is None:
@@ -446,7 +506,10 @@ def build(cfg: Config):
     torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    tok = Tokenizer(gym.make(cfg.env))
+    try:
+        tok = Tokenizer(make_envs(cfg, 1)[0])
+    except ValueError as e:
+        raise TrainingError(f"--env {cfg.env}: {e}")
     policy = Policy(len(tok.words), tok.seq_len, tok.action_tokens, cfg.d_model, cfg.n_layers, cfg.n_heads,
                     with_classifier=cfg.cls_weight > 0).to(device)
     gen = torch.Generator(device=device)
@@ -454,23 +517,45 @@ def build(cfg: Config):
     return device, tok, policy, gen, np.random.default_rng(cfg.seed)
 
 
-def train(cfg: Config) -> dict:
-    """The whole run. Returns the summary; writes the run folder."""
+class StopFlag:
+    """SIGINT handler: the first Ctrl-C asks the loop to stop after the current iteration; a second one
+    stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def train(cfg: Config, checkpoint: dict | None = None) -> dict:
+    """The whole run, or its continuation from `checkpoint`. Returns the summary; writes the run folder."""
     device, tok, policy, gen, rng = build(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg) | {"torch": torch.__version__, "numpy": np.__version__,
-                                             "gymnasium": gym.__version__, "device": str(device)}, f, indent=2)
     K, G = cfg.tasks_per_iter, cfg.num_generations
     train_envs = make_envs(cfg, K * G)
     eval_envs = {"": make_envs(cfg, cfg.eval_tasks), "ood_": make_envs(cfg, cfg.eval_tasks, "heldout")}
     probes = getattr(train_envs[0].unwrapped, "twin_probes", lambda: [])()
-    cold_start(policy, cfg, train_envs, tok, rng, gen, device)
-    ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+    if cfg.cls_labels == "oracle" and cfg.cls_weight > 0 and "flawed" not in train_envs[0].reset(seed=0)[1]:
+        raise TrainingError(f"--cls-labels oracle needs info['flawed'], which {cfg.env} does not give")
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     eval_gen = torch.Generator(device=device)
-    metrics, env_steps, t0 = [], 0, time.time()
+    os.makedirs(cfg.out, exist_ok=True)
+    if checkpoint is None:
+        cold_start(policy, cfg, train_envs, tok, rng, gen, device)
+        ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+        metrics = []
+    else:
+        ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+        metrics = restore(checkpoint, policy, opt, ref, gen, rng)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg) | {"torch": torch.__version__, "numpy": np.__version__,
+                                             "gymnasium": gym.__version__, "device": str(device),
+                                             "threads": torch.get_num_threads()}, f, indent=2)
     log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
+    t0 = time.time() - (metrics[-1]["wall_s"] if metrics else 0)
+    state = lambda: (policy, opt, ref, gen, rng, metrics, cfg)  # noqa: E731  what a checkpoint holds
 
     def log(row):
         row["wall_s"] = round(time.time() - t0, 3)
@@ -478,55 +563,89 @@ def train(cfg: Config) -> dict:
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
 
-    # iteration 0: the cold-started policy, before any GRPO update
-    log({"iter": 0, "env_steps": 0} | {k: None for k in ROW_KEYS}
-        | run_evaluation(policy, tok, eval_envs, probes, eval_gen, cfg, device, 0))
-    bar = tqdm(range(1, cfg.iters + 1), disable=cfg.quiet, desc="grpo", unit="it", dynamic_ncols=True)
+    for row in metrics:  # a resumed run rewrites the rows up to its checkpoint, dropping any after it
+        log_file.write(json.dumps(row) + "\n")
+    if not metrics:  # iteration 0: the cold-started policy, before any GRPO update
+        log({"iter": 0, "env_steps": 0} | {k: None for k in ROW_KEYS}
+            | run_evaluation(policy, tok, eval_envs, probes, eval_gen, cfg, device, 0))
+        save_checkpoint(*state())
+    stop, old_handler = StopFlag(), None
+    if threading_main():
+        old_handler = signal.signal(signal.SIGINT, stop)
+    start = metrics[-1]["iter"] + 1
+    bar = tqdm(range(start, cfg.iters + 1), disable=cfg.quiet, desc="grpo", unit="it", dynamic_ncols=True,
+               initial=start - 1, total=cfg.iters)
     try:
         for it in bar:
+            if stop.requested:
+                break
             # 1. rollout: G trajectories from identical initial states of each of K tasks
-            tasks = np.repeat(rng.integers(2**31 - 1, size=K), G)                   # (K*G,)
-            batch = rollout(policy, train_envs, tok, tasks, rng.integers(2**31 - 1, size=K * G), gen, device)
-            env_steps += len(batch["action"])
+            task_seeds = rng.integers(2**31 - 1, size=K)
+            if is_ours(cfg):   # our envs: same task, independent noise per member
+                tasks, seeds = np.repeat(task_seeds, G), rng.integers(2**31 - 1, size=K * G)
+            else:              # any other env: the seed is the task, so members share it
+                tasks, seeds = None, np.repeat(task_seeds, G)
+            batch = rollout(policy, train_envs, tok, tasks, seeds, gen, device)
+            env_steps = metrics[-1]["env_steps"] + len(batch["action"])
             # 2. advantages: one outcome reward per trajectory, one advantage for all its steps
             R = torch.as_tensor(batch["reward"], dtype=torch.float32, device=device).view(K, G)
             A_traj = group_advantages(R, cfg.scale_rewards).view(-1)                # (K*G,)
             A_steps = A_traj.cpu().numpy()[batch["traj"]]                           # (S,)
-            flawed = batch["flawed"]
+            flawed = batch["flawed"] if batch["has_oracle"] else None
             row = {k: None for k in ROW_KEYS} | {
                 "iter": it, "env_steps": env_steps,
-                "train_success_rate": float(batch["success"].mean()), "train_flawed_rate": float(flawed.mean()),
-                "adv_flawed_mean": float(A_steps[flawed].mean()) if flawed.any() else None,
-                "adv_good_mean": float(A_steps[~flawed].mean()) if (~flawed).any() else None,
+                "train_success_rate": float(batch["success"].mean()) if batch["has_success"] else None,
+                "train_flawed_rate": float(flawed.mean()) if flawed is not None else None,
+                "adv_flawed_mean": float(A_steps[flawed].mean()) if flawed is not None and flawed.any() else None,
+                "adv_good_mean": float(A_steps[~flawed].mean()) if flawed is not None and (~flawed).any() else None,
                 "zero_std_frac": float((R.std(dim=1) == 0).float().mean())}
             # 3. update
-            row |= grpo_update(policy, ref, opt, cfg, batch, A_traj, device)
+            row |= grpo_update(policy, ref, opt, cfg, batch, A_traj, gen, device)
+            bad = row.pop("nonfinite")
+            if bad:
+                raise TrainingError(f"iteration {it}: {bad} is not finite; "
+                                    f"stopped. The last good checkpoint in {cfg.out} is untouched")
             # 4. evaluation and coupling diagnostics, every eval_every iterations
             if it % cfg.eval_every == 0 or it == cfg.iters:
                 row |= run_evaluation(policy, tok, eval_envs, probes, eval_gen, cfg, device, it)
-            # 5. log
+            # 5. log, and checkpoint at each evaluation
             log(row)
-            bar.set_postfix(success=f"{row['train_success_rate']:.2f}", flawed=f"{row['train_flawed_rate']:.3f}")
-    except KeyboardInterrupt:
-        save_checkpoint(policy, opt, cfg, metrics)
-        plot_run(metrics, cfg.out)
-        print(f"\ninterrupted after iteration {metrics[-1]['iter']}; metrics, plots and a checkpoint are in "
-              f"{cfg.out}", file=sys.stderr)
-        raise
+            if it % cfg.eval_every == 0 or it == cfg.iters or stop.requested:
+                save_checkpoint(*state())
+            success = row["train_success_rate"]
+            bar.set_postfix(success="n/a" if success is None else f"{success:.2f}",
+                            flawed="n/a" if row["train_flawed_rate"] is None else f"{row['train_flawed_rate']:.3f}",
+                            ret=f"{batch['reward'].mean():.2f}")
+    except KeyboardInterrupt:  # a second Ctrl-C: keep what the last checkpoint holds
+        stop.requested = True
     finally:
         log_file.close()
-    save_checkpoint(policy, opt, cfg, metrics)
+        bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
     summary = summarize(metrics, cfg)
     plot_run(metrics, cfg.out)
+    if stop.requested:
+        save_checkpoint(*state())
+        raise Interrupted(f"interrupted after iteration {metrics[-1]['iter']}; resume with: "
+                          f"python grpo_cls.py --resume {cfg.out}")
     return summary
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 def run_evaluation(policy, tok, eval_envs, probes, gen, cfg, device, it) -> dict:
     row = {}
-    gen.manual_seed(cfg.seed + 7919)  # the same sampling noise at every evaluation
     for prefix, envs_ in eval_envs.items():
+        if not envs_:
+            continue
+        gen.manual_seed(cfg.seed + 7919)  # the same sampling noise at every evaluation
         r = evaluate(policy, tok, envs_, gen, device)
-        row |= {f"{prefix}success_rate": r["success"], f"{prefix}flawed_rate": r["flawed"]}
+        row |= {f"{prefix}success_rate": r["success"], f"{prefix}flawed_rate": r["flawed"],
+                f"{prefix}eval_return": r["return"]}
         with open(os.path.join(cfg.out, f"episode_{prefix or 'train_'}iter{it:04d}.txt"), "w") as f:
             f.write(r["transcript"] + "\n")
     if probes:
@@ -534,17 +653,55 @@ def run_evaluation(policy, tok, eval_envs, probes, gen, cfg, device, it) -> dict
     return row
 
 
-def save_checkpoint(policy, opt, cfg: Config, metrics):
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: everything needed to continue bit for bit, written atomically, loaded safely
+# ---------------------------------------------------------------------------------------------
+
+# fields that fix the model's shape or the meaning of its state: a resume may not change them
+SHAPE_FIELDS = ("env", "env_kwargs", "d_model", "n_layers", "n_heads", "tasks_per_iter", "num_generations")
+
+
+def save_checkpoint(policy, opt, ref, gen, rng, metrics, cfg: Config):
     path = os.path.join(cfg.out, "checkpoint.pt")
-    torch.save({"model": policy.state_dict(), "optimizer": opt.state_dict(), "iter": len(metrics),
-                "config": dataclasses.asdict(cfg)}, path + ".tmp")
+    torch.save({"model": policy.state_dict(), "optimizer": opt.state_dict(),
+                "ref": ref.state_dict() if ref is not None else None,
+                "rng": {"numpy": rng.bit_generator.state, "torch_gen": gen.get_state(), "torch": torch.get_rng_state()},
+                "iter": metrics[-1]["iter"], "metrics": metrics, "config": dataclasses.asdict(cfg)}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a checkpoint
 
 
+def load_checkpoint(run_dir: str) -> dict:
+    """The checkpoint of a run folder, loaded without unpickling arbitrary objects."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise TrainingError(f"no checkpoint at {path}; --resume takes a run folder written by grpo_cls.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(ckpt, dict) and {"model", "optimizer", "rng", "metrics", "config"} <= set(ckpt)
+    except Exception as e:
+        raise TrainingError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "
+                            f"start a new run with --overwrite")
+    return ckpt
+
+
+def restore(ckpt: dict, policy, opt, ref, gen, rng) -> list[dict]:
+    try:
+        policy.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ref is not None:
+            ref.load_state_dict(ckpt["ref"] or ckpt["model"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise TrainingError(f"checkpoint does not fit this config ({str(e).splitlines()[0][:120]})")
+    rng.bit_generator.state = ckpt["rng"]["numpy"]
+    gen.set_state(ckpt["rng"]["torch_gen"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return list(ckpt["metrics"])
+
+
 def summarize(metrics: list[dict], cfg: Config) -> dict:
-    last_eval = next((m for m in reversed(metrics) if m["success_rate"] is not None), {})
+    last_eval = next((m for m in reversed(metrics) if m.get("eval_return") is not None), {})
     keys = ("success_rate", "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
-            "grad_cos_twin", "embed_cos_good_bad")
+            "grad_cos_twin", "embed_cos_good_bad", "eval_return")
     first = metrics[0] if metrics else {}
     summary = {"initial_success_rate": first.get("success_rate"), "initial_ood_success_rate": first.get("ood_success_rate"),
                "initial_flawed_rate": first.get("flawed_rate")}
@@ -604,37 +761,59 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parse_args(argv=None) -> Config:
+def make_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """argparse from the Config fields. With defaults=False, only the flags actually given are set."""
     parser = OneLineParser(prog="grpo_cls.py", description=__doc__.split("\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           argument_default=None if defaults else argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"], default=default)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=typ, default=f.default, choices=f.metadata["choices"],
+            parser.add_argument(flag, type=typ, default=default, choices=f.metadata["choices"],
                                 help=f.metadata["help"])
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> tuple[Config, dict | None]:
+    """The config, and the checkpoint to continue from when --resume is given."""
+    parser = make_parser()
+    args = vars(parser.parse_args(argv))
+    checkpoint = None
     try:
-        return Config(**vars(args))
-    except ValueError as e:
+        if args["resume"]:
+            checkpoint = load_checkpoint(args["resume"])
+            given = vars(make_parser(defaults=False).parse_args(argv))
+            saved = {k: v for k, v in checkpoint["config"].items() if k in args}
+            changed = [k for k in SHAPE_FIELDS if k in given and given[k] != saved[k]]
+            if changed:
+                raise TrainingError(f"--resume cannot change {', '.join(changed)}: the checkpoint was trained with "
+                                    + ", ".join(f"{k}={saved[k]!r}" for k in changed))
+            args = saved | given | {"out": args["resume"], "overwrite": True}
+        return Config(**args), checkpoint
+    except (ValueError, TrainingError) as e:
         parser.error(str(e))
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+    cfg, checkpoint = parse_args(argv)
+    if checkpoint is None and os.path.isdir(cfg.out) and os.listdir(cfg.out):
         if not cfg.overwrite:
-            print(f"grpo_cls.py: error: run folder {cfg.out} is not empty; pass --overwrite or another --out",
-                  file=sys.stderr)
+            print(f"grpo_cls.py: error: run folder {cfg.out} is not empty; pass --overwrite, --resume {cfg.out} "
+                  f"or another --out", file=sys.stderr)
             sys.exit(2)
         for name in os.listdir(cfg.out):  # clear what an earlier run wrote, so no stale file survives
             if name.startswith("episode_") or name in RUN_FILES:
                 os.remove(os.path.join(cfg.out, name))
     try:
-        summary = train(cfg)
-    except KeyboardInterrupt:
+        summary = train(cfg, checkpoint)
+    except TrainingError as e:
+        print(f"grpo_cls.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:
+        print(f"grpo_cls.py: {e}", file=sys.stderr)
         sys.exit(130)
     if not cfg.quiet:
         print_summary(summary, cfg)

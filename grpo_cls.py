@@ -704,7 +704,7 @@ def summarize(metrics: list[dict], cfg: Config) -> dict:
             "grad_cos_twin", "embed_cos_good_bad", "eval_return")
     first = metrics[0] if metrics else {}
     summary = {"initial_success_rate": first.get("success_rate"), "initial_ood_success_rate": first.get("ood_success_rate"),
-               "initial_flawed_rate": first.get("flawed_rate")}
+               "initial_flawed_rate": first.get("flawed_rate"), "initial_eval_return": first.get("eval_return")}
     summary |= {"iters": metrics[-1]["iter"] if metrics else 0, "env_steps": metrics[-1]["env_steps"] if metrics else 0,
                "wall_s": metrics[-1]["wall_s"] if metrics else 0} | {k: last_eval.get(k) for k in keys}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
@@ -827,6 +827,7 @@ def print_summary(s: dict, cfg: Config):
           f"held-out {f(s['initial_ood_success_rate'])} -> {f(s['ood_success_rate'])}")
     print(f"  flawed rate   in-domain {f(s['initial_flawed_rate'])} -> {f(s['flawed_rate'])}   "
           f"held-out {f(s['ood_flawed_rate'])}")
+    print(f"  eval return   {f(s['initial_eval_return'])} -> {f(s['eval_return'])}")
     print(f"  twin probes   pi(flawed) {f(s['probe_flawed_prob'])}   grad cos {f(s['grad_cos_twin'])}   "
           f"embed cos {f(s['embed_cos_good_bad'])}")
     print(f"  run folder    {cfg.out}  (curves.png, coupling.png, metrics.jsonl, episode_*.txt)")

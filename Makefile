@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures clean
+.PHONY: run test figures bench clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +23,6 @@ figures: run  ## refresh the README's figures from the main run
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache __pycache__
+
+bench: $(STAMP)  ## measure the trainer against this machine's ceilings; writes bench.json
+	$(PY) bench.py

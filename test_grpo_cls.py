@@ -387,9 +387,13 @@ TINY_ARGS = ["--iters", "4", "--tasks-per-iter", "2", "--num-generations", "3", 
              "--eval-every", "2", "--sft-steps", "5", "--cls-weight", "0.5", "--threads", "1", "--quiet"]
 
 
+MEASURED = ("wall_s", "rss_mib", "time_rollout_s", "time_update_s", "time_eval_s", "time_diag_s")
+
+
 def rows_without_wall_time(run_dir):
+    """Every metric but the clock and memory readings, which no run can repeat."""
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]
 
 
 def test_same_seed_and_config_give_identical_metrics(tmp_path):
@@ -501,3 +505,24 @@ def test_random_actions_never_break_an_env_or_its_promises(env_id, split, task, 
         assert r == float(info["success"]) and not (term and trunc)
         if term or trunc:
             break
+
+
+# ---------------------------------------------------------------------------------------------
+# Device selection (CI has no GPU: the CUDA path itself is measured by `make bench --device cuda`)
+# ---------------------------------------------------------------------------------------------
+
+def test_device_auto_falls_back_to_cpu_and_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device, *_ = g.build(tiny(out="unused", device="auto"))
+    assert device.type == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        tiny(out="unused", device="cuda")
+
+
+def test_device_auto_picks_cuda_when_torch_sees_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    picked = []
+    monkeypatch.setattr(torch, "device", lambda name: picked.append(name) or name)
+    with pytest.raises(Exception):  # the CPU-only build cannot really place tensors on cuda
+        g.build(tiny(out="unused", device="auto"))
+    assert picked[0] == "cuda"

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench clean
+.PHONY: run test figures bench claims clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,6 @@ clean:
 
 bench: $(STAMP)  ## measure the trainer against this machine's ceilings; writes bench.json
 	$(PY) bench.py
+
+claims: $(STAMP)  ## measure the paper's claims 1-3; writes results/claims.md and results/squeeze.png
+	$(PY) claims.py

@@ -249,11 +249,11 @@ def main():
     report["end_to_end_efficiency"] = ideal_s / train_s
 
     print("5/6 memory after 5 and 50 iterations ...", flush=True)
-    _, _, _, peak5 = run_subprocess(run_args + ["--iters", "5"], os.path.join(tmp, "it5"))
-    _, _, _, peak50 = run_subprocess(run_args + ["--iters", "50"], os.path.join(tmp, "it50"))
+    _, _, metrics50, _ = run_subprocess(run_args + ["--iters", "50"], os.path.join(tmp, "it50"))
+    peak = {m["iter"]: m["peak_rss_mib"] for m in metrics50}  # the process's high-water mark at each iteration
     torch_rss = torch_baseline_rss_mib()
-    report |= {"rss_torch_import_mib": torch_rss, "rss_5_iters_mib": peak5 - torch_rss,
-               "rss_50_iters_mib": peak50 - torch_rss, "mem_growth": (peak50 - peak5) / (peak5 - torch_rss)}
+    report |= {"rss_torch_import_mib": torch_rss, "rss_5_iters_mib": peak[5] - torch_rss,
+               "rss_50_iters_mib": peak[50] - torch_rss, "mem_growth": (peak[50] - peak[5]) / (peak[5] - torch_rss)}
 
     print("6/6 threads: rollout and update rates at 1 and 2 threads ...", flush=True)
     report["threads"] = {}

@@ -60,10 +60,10 @@ CLS_LABELS = ("advantage", "oracle")
 SCALE_REWARDS = ("group", "batch", "none")
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png")
 ROW_KEYS = ("train_success_rate", "train_flawed_rate", "success_rate", "ood_success_rate", "flawed_rate",
-            "ood_flawed_rate", "probe_flawed_prob", "probe_flawed_probs", "grad_cos_twin", "embed_cos_good_bad",
+            "ood_flawed_rate", "probe_flawed_prob", "probe_flawed_probs", "grad_cos_twin", "grad_cos_twin_each", "embed_cos_good_bad",
             "adv_flawed_mean", "adv_good_mean", "zero_std_frac", "pg_loss", "cls_loss", "kl", "entropy",
             "clip_frac", "cls_acc", "cls_oracle_acc", "eval_return", "ood_eval_return",
-            "update_samples", "rss_mib", "time_rollout_s", "time_update_s", "time_eval_s", "time_diag_s")
+            "update_samples", "rss_mib", "peak_rss_mib", "time_rollout_s", "time_update_s", "time_eval_s", "time_diag_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +403,8 @@ def probe_diagnostics(policy, tok, probes, device) -> dict:
         grad_cos.append(F.cosine_similarity(grads[0], grads[1], dim=0).item())
         embed_cos.append(F.cosine_similarity(phis[0], phis[1], dim=0).item())
     return {"probe_flawed_prob": float(np.mean(flawed_prob)), "probe_flawed_probs": flawed_prob,
-            "grad_cos_twin": float(np.mean(grad_cos)), "embed_cos_good_bad": float(np.mean(embed_cos))}
+            "grad_cos_twin": float(np.mean(grad_cos)), "grad_cos_twin_each": grad_cos,
+            "embed_cos_good_bad": float(np.mean(embed_cos))}
 
 
 def evaluate(policy, tok, eval_envs, gen, device) -> dict:
@@ -615,8 +616,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
             t_phase = time.perf_counter()
             row |= grpo_update(policy, ref, opt, cfg, batch, A_traj, gen, device)
             release_free_memory()
-            row |= {"time_rollout_s": round(t_rollout, 4), "time_update_s": round(time.perf_counter() - t_phase, 4),
-                    "rss_mib": rss_mib()}
+            row |= {"time_rollout_s": round(t_rollout, 4), "time_update_s": round(time.perf_counter() - t_phase, 4)}
+            row |= memory_mib()
             bad = row.pop("nonfinite")
             if bad:
                 raise TrainingError(f"iteration {it}: {bad} is not finite; "
@@ -659,13 +660,14 @@ def release_free_memory():
         pass
 
 
-def rss_mib() -> float | None:
-    """This process's resident memory now (Linux; None elsewhere): a leak shows as a steady climb."""
+def memory_mib() -> dict:
+    """Resident memory now and its peak so far, in MiB (Linux; None elsewhere). A leak is a steady climb."""
     try:
-        with open("/proc/self/statm") as f:
-            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except OSError:
-        return None
+        status = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")
+                  or l.startswith("VmRSS")}
+        return {"rss_mib": round(status["VmRSS"] / 1024, 1), "peak_rss_mib": round(status["VmHWM"] / 1024, 1)}
+    except (OSError, KeyError):
+        return {"rss_mib": None, "peak_rss_mib": None}
 
 
 def threading_main() -> bool:

@@ -387,7 +387,7 @@ TINY_ARGS = ["--iters", "4", "--tasks-per-iter", "2", "--num-generations", "3", 
              "--eval-every", "2", "--sft-steps", "5", "--cls-weight", "0.5", "--threads", "1", "--quiet"]
 
 
-MEASURED = ("wall_s", "rss_mib", "time_rollout_s", "time_update_s", "time_eval_s", "time_diag_s")
+MEASURED = ("wall_s", "rss_mib", "peak_rss_mib", "time_rollout_s", "time_update_s", "time_eval_s", "time_diag_s")
 
 
 def rows_without_wall_time(run_dir):
@@ -526,3 +526,66 @@ def test_device_auto_picks_cuda_when_torch_sees_one(monkeypatch):
     with pytest.raises(Exception):  # the CPU-only build cannot really place tensors on cuda
         g.build(tiny(out="unused", device="auto"))
     assert picked[0] == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's claims (claims.py)
+# ---------------------------------------------------------------------------------------------
+
+import claims  # noqa: E402
+
+
+@pytest.mark.parametrize("q", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("r", [0.3, 0.6])
+@pytest.mark.parametrize("G", [2, 4, 8])
+def test_lemma_3_1_finite_group_formula_matches_monte_carlo_within_3_standard_errors(q, r, G):
+    rng = np.random.default_rng(1000 * G + int(100 * q) + int(10 * r))
+    est, se = claims.simulate_lemma31(q, r, G, p_safe=0.8, n_groups=100_000, scale="none", rng=rng)
+    exact = claims.lemma31_expected_advantage(q, r, G)
+    assert abs(est - exact) <= 3 * se, (est, exact, se)
+    assert exact < 0
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_lemma_3_1_with_std_scaling_only_the_sign_survives(scale):
+    """Std scaling multiplies by a positive random factor: the exact value changes, the sign does not."""
+    est, se = claims.simulate_lemma31(0.5, 0.4, 8, 0.8, 50_000, scale, np.random.default_rng(3))
+    assert est + 3 * se < 0
+
+
+def test_lemma_3_1_fails_for_a_helpful_action():
+    """The test can fail: an action that *raises* success (r < 0) gets a positive expected advantage."""
+    est, se = claims.simulate_lemma31(0.5, -0.3, 8, 0.5, 50_000, "none", np.random.default_rng(4))
+    assert est - 3 * se > 0 and claims.lemma31_expected_advantage(0.5, -0.3, 8) > 0
+
+
+def test_squeeze_a_negative_step_on_the_harmful_action_raises_the_mildly_flawed_mode_most():
+    z = claims.SQUEEZE_LOGITS
+    p0, p1 = claims.probs(z), claims.probs(claims.softmax_step(z, claims.HARMFUL, -1.0, 1.0))
+    gains = p1 - p0
+    assert np.argmax(p0) == claims.MILD and np.argmax(gains) == claims.MILD  # the mode gains most...
+    assert p1[claims.MILD] > p0[claims.MILD]                              # ...and the mode is a bad action
+    z1 = claims.softmax_step(z, claims.HARMFUL, -1.0, 1.0)
+    dz = z1 - z  # exactly lr * |A| * p_k for k != y
+    assert np.allclose(dz[[claims.GOOD, claims.MILD]], p0[[claims.GOOD, claims.MILD]])
+
+
+def test_squeeze_the_expected_step_lowers_bad_mass_and_raises_the_good_action():
+    z, A = claims.SQUEEZE_LOGITS, claims.SQUEEZE_ADVANTAGES
+    p0, pe = claims.probs(z), claims.probs(claims.expected_softmax_step(z, A, 1.0))
+    assert pe[claims.GOOD] > p0[claims.GOOD]
+    assert pe[claims.MILD] + pe[claims.HARMFUL] < p0[claims.MILD] + p0[claims.HARMFUL]
+    # the expected step is the average of single steps weighted by p, each with its own advantage
+    avg = sum(p0[y] * (claims.softmax_step(z, y, A[y], 1.0) - z) for y in range(3))
+    assert np.allclose(claims.expected_softmax_step(z, A, 1.0) - z, avg)
+
+
+@pytest.mark.parametrize("env", ["text", "grid"])
+def test_one_step_on_the_good_twin_moves_the_flawed_twin_as_the_gradient_inner_product_predicts(env):
+    cfg = tiny(env=env, out="unused", d_model=64)
+    device, tok, policy, gen, rng = g.build(cfg)
+    probes = gym.make(cfg.env).unwrapped.twin_probes()
+    for p in probes:
+        actual, predicted = claims.one_step_coupling(policy, tok, p, lr=1e-4, A=1.0, device=device)
+        assert abs(actual - predicted) <= 0.05 * abs(predicted) + 1e-7, (p["note"], actual, predicted)
+        assert predicted != 0

@@ -19,7 +19,7 @@ test: $(STAMP)  ## the whole test suite
 
 figures: run  ## refresh the README's figures from the main run
 	mkdir -p docs
-	cp runs/text-cls0.5-seed1/curves.png runs/text-cls0.5-seed1/coupling.png docs/
+	cp runs/text-cls0.5-seed1/curves.png runs/text-cls0.5-seed1/coupling.png runs/text-cls0.5-seed1/probe_heatmap.png docs/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache __pycache__

@@ -58,9 +58,10 @@ class Interrupted(Exception):
 ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0"}
 CLS_LABELS = ("advantage", "oracle")
 SCALE_REWARDS = ("group", "batch", "none")
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png",
+             "probe_heatmap.png")
 ROW_KEYS = ("train_success_rate", "train_flawed_rate", "success_rate", "ood_success_rate", "flawed_rate",
-            "ood_flawed_rate", "probe_flawed_prob", "probe_flawed_probs", "grad_cos_twin", "grad_cos_twin_each", "embed_cos_good_bad",
+            "ood_flawed_rate", "probe_flawed_prob", "probe_flawed_probs", "grad_cos_twin", "grad_cos_twin_each", "embed_cos_good_bad", "probe_action_probs",
             "adv_flawed_mean", "adv_good_mean", "zero_std_frac", "pg_loss", "cls_loss", "kl", "entropy",
             "clip_frac", "cls_acc", "cls_oracle_acc", "eval_return", "ood_eval_return",
             "update_samples", "rss_mib", "peak_rss_mib", "time_rollout_s", "time_update_s", "time_eval_s", "time_diag_s")
@@ -101,7 +102,8 @@ class Config:
     d_model: int = arg(64, "transformer width d")
     n_layers: int = arg(2, "transformer blocks")
     n_heads: int = arg(4, "attention heads")
-    eval_every: int = arg(10, "evaluate and run diagnostics every N iterations (and at the last)")
+    eval_every: int = arg(10, "evaluate every N iterations (and at the last)")
+    diag_every: int = arg(2, "run the twin-probe diagnostics every N iterations (~30 ms each)")
     eval_tasks: int = arg(128, "fixed task instances per evaluation split (in-domain and held-out)")
     device: str = arg("auto", "auto picks cuda when available", ("auto", "cpu", "cuda"))
     threads: int = arg(2, "torch CPU threads")
@@ -120,7 +122,7 @@ class Config:
             raise ValueError(f"--env-kwargs is not valid JSON ({e.msg}); give an object like '{{\"is_slippery\": false}}'")
         if not isinstance(kwargs, dict):
             raise ValueError(f"--env-kwargs must be a JSON object, got {self.env_kwargs!r}")
-        for name in ("iters", "tasks_per_iter", "num_iterations", "minibatch_size", "eval_every",
+        for name in ("iters", "tasks_per_iter", "num_iterations", "minibatch_size", "eval_every", "diag_every",
                      "eval_tasks", "d_model", "n_layers", "n_heads", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -389,7 +391,7 @@ def probe_diagnostics(policy, tok, probes, device) -> dict:
     """At each twin probe (s1 good for a, s2 flawed for a): pi(a|s2), the cosine of the gradients of
     log pi(a|s1) and log pi(a|s2), and the cosine of the pair embeddings phi(s1, a), phi(s2, a)."""
     params = [p for n, p in policy.named_parameters() if not n.startswith("cls_head")]
-    flawed_prob, grad_cos, embed_cos = [], [], []
+    flawed_prob, grad_cos, embed_cos, action_probs = [], [], [], []
     for p in probes:
         grads, phis = [], []
         for key in ("good", "flawed"):
@@ -400,11 +402,12 @@ def probe_diagnostics(policy, tok, probes, device) -> dict:
             grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(logp, params)]))
             phis.append(phi[0, p["action"]].detach())
         flawed_prob.append(logp.exp().item())
+        action_probs.append([round(v, 5) for v in torch.softmax(logits[0], -1).tolist()])  # (A,) at the flawed twin
         grad_cos.append(F.cosine_similarity(grads[0], grads[1], dim=0).item())
         embed_cos.append(F.cosine_similarity(phis[0], phis[1], dim=0).item())
     return {"probe_flawed_prob": float(np.mean(flawed_prob)), "probe_flawed_probs": flawed_prob,
             "grad_cos_twin": float(np.mean(grad_cos)), "grad_cos_twin_each": grad_cos,
-            "embed_cos_good_bad": float(np.mean(embed_cos))}
+            "embed_cos_good_bad": float(np.mean(embed_cos)), "probe_action_probs": action_probs}
 
 
 def evaluate(policy, tok, eval_envs, gen, device) -> dict:
@@ -625,6 +628,10 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
             # 4. evaluation and coupling diagnostics, every eval_every iterations
             if it % cfg.eval_every == 0 or it == cfg.iters:
                 row |= run_evaluation(policy, tok, eval_envs, probes, eval_gen, cfg, device, it)
+            elif probes and it % cfg.diag_every == 0:
+                t_phase = time.perf_counter()
+                row |= probe_diagnostics(policy, tok, probes, device)
+                row["time_diag_s"] = round(time.perf_counter() - t_phase, 4)
             # 5. log, and checkpoint at each evaluation
             log(row)
             if it % cfg.eval_every == 0 or it == cfg.iters or stop.requested:
@@ -789,6 +796,26 @@ def plot_run(metrics: list[dict], out: str):
         fig.tight_layout()
         fig.savefig(os.path.join(out, title.split()[-1]), dpi=110)
         plt.close(fig)
+    plot_probe_heatmap(metrics, out, plt)
+
+
+def plot_probe_heatmap(metrics: list[dict], out: str, plt):
+    """The paper's Fig. 3b style: every action's probability at each flawed twin, across iterations."""
+    rows = [m for m in metrics if m.get("probe_action_probs")]
+    if not rows:
+        return
+    n_probes = len(rows[0]["probe_action_probs"])
+    fig, axes = plt.subplots(1, n_probes, figsize=(3.6 * n_probes, 3.4), squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        grid = np.array([m["probe_action_probs"][k] for m in rows]).T  # (A, iterations)
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
+                       extent=(rows[0]["iter"] - 0.5, rows[-1]["iter"] + 0.5, grid.shape[0] - 0.5, -0.5))
+        ax.set_title(f"probe {k}: pi(. | flawed twin)", fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("action")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(os.path.join(out, "probe_heatmap.png"), dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------

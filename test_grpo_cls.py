@@ -366,7 +366,7 @@ def test_cli_smoke_run_writes_the_whole_run_folder(tmp_path):
             "--out", str(out))
     assert r.returncode == 0, r.stderr
     for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png",
-                 "episode_train_iter0002.txt", "episode_ood_iter0002.txt"):
+                 "probe_heatmap.png", "episode_train_iter0002.txt", "episode_ood_iter0002.txt"):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     keys = ("iter env_steps wall_s success_rate ood_success_rate flawed_rate ood_flawed_rate probe_flawed_prob "

@@ -56,7 +56,7 @@ class Interrupted(Exception):
 
 
 ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0"}
-CLS_LABELS = ("advantage", "oracle")
+CLS_LABELS = ("advantage", "oracle", "step")
 SCALE_REWARDS = ("group", "batch", "none")
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png",
              "probe_heatmap.png")
@@ -94,8 +94,8 @@ class Config:
                              SCALE_REWARDS)
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     cls_weight: float = arg(0.0, "weight of the good/bad classification loss (0 = plain GRPO, no classifier built)")
-    cls_labels: str = arg("advantage", "classifier labels: sign of the trajectory advantage, or the env's oracle flag",
-                          CLS_LABELS)
+    cls_labels: str = arg("advantage", "classifier labels: sign of the trajectory advantage, the env's oracle flag, "
+                          "or step-level labels from states that recur within a group", CLS_LABELS)
     sft_steps: int = arg(150, "cold start: behaviour-cloning steps on a noisy scripted agent (0 = none)")
     sft_noise: float = arg(0.3, "cold start: chance the scripted agent takes a random admissible action")
     sft_lr: float = arg(2e-3, "cold start: Adam learning rate")
@@ -309,12 +309,41 @@ def classification_loss(cls_logit, y, labelled):
     return F.binary_cross_entropy_with_logits(cls_logit[labelled], y[labelled].float())
 
 
-def cls_targets(source: str, A, flawed):
+def cls_targets(source: str, A, flawed, step=None):
     """(y, labelled), both (B,): 'advantage' calls an action bad when its trajectory's A < 0 and leaves
-    A == 0 unlabelled; 'oracle' uses the env's flawed flag for every step."""
+    A == 0 unlabelled; 'oracle' uses the env's flawed flag for every step; 'step' takes the labels
+    that step_labels() computed from the rollout."""
     if source == "oracle":
         return flawed.float(), torch.ones_like(flawed, dtype=torch.bool)
+    if source == "step":
+        return step
     return (A < 0).float(), A != 0
+
+
+def step_labels(traj: np.ndarray, state_key: list, rtg: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
+    """GiGPO's anchor idea used for labels. Steps of one group (G trajectories of one task) that share
+    an identical observation form an anchor; within it, an action whose return-to-go beats the anchor's
+    mean is good (y = 0), one below it bad (y = 1), a tie or a state seen once unlabelled.
+    traj (S,) trajectory index, state_key (S,) hashable observation, rtg (S,) return-to-go."""
+    y, labelled = np.zeros(len(traj), dtype=np.float32), np.zeros(len(traj), dtype=bool)
+    anchors: dict = {}
+    for i, (j, key) in enumerate(zip(traj, state_key)):
+        anchors.setdefault((j // G, key), []).append(i)
+    for idx in anchors.values():
+        if len(idx) < 2:
+            continue
+        v = rtg[idx]
+        y[idx], labelled[idx] = v < v.mean(), v != v.mean()
+    return y, labelled
+
+
+def returns_to_go(traj: np.ndarray, reward: np.ndarray) -> np.ndarray:
+    """(S,) sum of the rewards from each step to the end of its trajectory (steps in time order)."""
+    rtg, running, last = np.zeros(len(traj)), 0.0, None
+    for i in range(len(traj) - 1, -1, -1):
+        running = (running if traj[i] == last else 0.0) + reward[i]
+        rtg[i], last = running, traj[i]
+    return rtg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +380,7 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
     all_legal = np.ones(n_actions, dtype=np.int8)  # for envs that give no action_mask
     obs, masks = list(obs), [i.get("action_mask", all_legal) for i in info]
     done = np.zeros(N, dtype=bool)
-    steps = {k: [] for k in ("tokens", "mask", "action", "logp", "traj", "flawed")}
+    steps = {k: [] for k in ("tokens", "mask", "action", "logp", "traj", "flawed", "reward")}
     reward, success, length = np.zeros(N), np.zeros(N, dtype=bool), np.zeros(N, dtype=np.int64)
     transcript = [str(obs[0])]
     while not done.all() and length.max() < max_len:
@@ -368,7 +397,7 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
             act = int(a[j]) if pick is None else pick(envs_[i], masks[i])
             o, r, term, trunc, inf = envs_[i].step(act)
             flawed = bool(inf.get("flawed", False))
-            for k, v in zip(steps, (x[j], m[j], act, logp[j], i, flawed)):
+            for k, v in zip(steps, (x[j], m[j], act, logp[j], i, flawed, r)):
                 steps[k].append(v)
             if i == 0:
                 transcript.append(f"> {tok.action_names[act]}{'   [flawed]' if flawed else ''}\n{o}")
@@ -378,6 +407,7 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
             if term or trunc:
                 done[i], success[i] = True, bool(inf.get("success", False))
     batch = {k: np.asarray(v) for k, v in steps.items()}
+    batch["step_reward"] = batch.pop("reward")  # (S,) reward of each step; "reward" below is per trajectory
     batch.update(reward=reward, success=success, length=length, transcript="\n".join(transcript),
                  has_oracle="flawed" in inf, has_success="success" in inf)
     return batch
@@ -465,7 +495,14 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A_traj, gen, device) -> di
     a, logp_old = torch.as_tensor(batch["action"], device=device), torch.as_tensor(batch["logp"], device=device)
     A = A_traj[torch.as_tensor(batch["traj"], device=device)]       # (S,) every step gets its trajectory's A
     flawed = torch.as_tensor(batch["flawed"], device=device)
-    y, labelled = cls_targets(cfg.cls_labels, A, flawed) if policy.cls_head is not None else (None, A != 0)
+    step = None
+    if cfg.cls_labels == "step" and policy.cls_head is not None:
+        order = np.argsort(batch["traj"], kind="stable")  # steps of each trajectory, in time order
+        rtg = np.empty(len(order))
+        rtg[order] = returns_to_go(batch["traj"][order], batch["step_reward"][order])
+        ys, ls = step_labels(batch["traj"], [t.tobytes() for t in batch["tokens"]], rtg, cfg.num_generations)
+        step = (torch.as_tensor(ys, device=device), torch.as_tensor(ls, device=device))
+    y, labelled = cls_targets(cfg.cls_labels, A, flawed, step) if policy.cls_head is not None else (None, A != 0)
     # a sample with A = 0, no classifier label and no KL term has zero gradient: skip it (as DAPO drops
     # groups whose rewards all tie). The loss is then a mean over the samples that carry signal.
     useful = torch.nonzero((A != 0) | labelled | (ref is not None)).squeeze(1)   # (S',)

@@ -97,7 +97,8 @@ class LavaGridEnv(gym.Env):
 
     @staticmethod
     def _safe_distances(grid: np.ndarray) -> np.ndarray:
-        """Shortest-path length to the goal through safe cells; unsafe cells get 1 + best safe neighbour."""
+        """Shortest-path length to the goal through safe cells. A passable cell beside lava gets 1 + its best
+        safe neighbour (step out of danger, then the safe path), or UNREACHABLE if it has none."""
         side = grid.shape[0]
         lava = grid == LAVA
         near_lava = np.zeros_like(lava)
@@ -117,8 +118,9 @@ class LavaGridEnv(gym.Env):
                         dist[rr, cc] = dist[r, c] + 1
                         nxt.append((rr, cc))
             frontier = nxt
+        safe_dist = dist.copy()  # read only safe cells' distances, so the scan order cannot matter
         for r, c in np.argwhere(passable & near_lava):  # one step out of danger, then the safe path
-            best = min(dist[r + dr, c + dc] for dr, dc in MOVES)
+            best = min(safe_dist[r + dr, c + dc] for dr, dc in MOVES)
             dist[r, c] = min(UNREACHABLE, best + 1)
         return dist
 
@@ -225,7 +227,6 @@ class LavaGridEnv(gym.Env):
                         "task": task, "cell_good": (int(r), int(c)), "cell_flawed": twin,
                         "note": f"layout {task}: '{MOVE_NAMES[a]}' at {(int(r), int(c))} vs {twin}"}
         return None
-        return probes
 
 
 # ---------------------------------------------------------------------------------------------

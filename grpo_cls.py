@@ -304,9 +304,8 @@ def kl_k3(logp, logp_ref):
 
 def classification_loss(cls_logit, y, labelled):
     """Mean BCE over labelled samples only. cls_logit, y (1 = bad), labelled (bool) are (B,)."""
-    if not labelled.any():
-        return cls_logit.sum() * 0.0  # keeps the graph; no label, no signal
-    return F.binary_cross_entropy_with_logits(cls_logit[labelled], y[labelled].float())
+    per_sample = F.binary_cross_entropy_with_logits(cls_logit, y.float(), reduction="none")
+    return (per_sample * labelled).sum() / labelled.sum().clamp(min=1)  # no label, no signal; no host sync
 
 
 def cls_targets(source: str, A, flawed, step=None):
@@ -333,7 +332,7 @@ def step_labels(traj: np.ndarray, state_key: list, rtg: np.ndarray, G: int) -> t
         if len(idx) < 2:
             continue
         v = rtg[idx]
-        y[idx], labelled[idx] = v < v.mean(), v != v.mean()
+        y[idx], labelled[idx] = v < v.mean(), ~np.isclose(v, v.mean())
     return y, labelled
 
 
@@ -508,6 +507,7 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A_traj, gen, device) -> di
     useful = torch.nonzero((A != 0) | labelled | (ref is not None)).squeeze(1)   # (S',)
     logs = {k: [] for k in ("pg_loss", "cls_loss", "kl", "entropy", "clip_frac", "cls_acc", "cls_oracle_acc")}
     finite = {k: torch.ones((), dtype=torch.bool, device=device) for k in ("pg_loss", "cls_loss", "kl", "grad_norm")}
+    counts = {k: torch.zeros((), device=device) for k in ("cls_correct", "cls_labelled", "oracle_correct", "classified")}
     for _ in range(cfg.num_iterations if len(useful) else 0):  # every group tied: nothing to learn
         for idx in useful[torch.randperm(len(useful), device=device, generator=gen)].split(cfg.minibatch_size):
             logits, _, cls = policy(x[idx], m[idx])
@@ -524,8 +524,10 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A_traj, gen, device) -> di
                 c = cls.gather(1, a[idx, None]).squeeze(1)                     # (b,) score of the taken action
                 cls_loss = classification_loss(c, y[idx], labelled[idx])
                 lab = labelled[idx]
-                logs["cls_acc"].append(((c[lab] > 0) == (y[idx][lab] > 0)).float().mean())
-                logs["cls_oracle_acc"].append(((c > 0) == flawed[idx]).float().mean())
+                counts["cls_correct"] += (((c > 0) == (y[idx] > 0)) & lab).sum()
+                counts["cls_labelled"] += lab.sum()
+                counts["oracle_correct"] += ((c > 0) == flawed[idx]).sum()
+                counts["classified"] += len(idx)
             loss = pg_loss + cfg.beta * kl + cfg.cls_weight * cls_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -539,7 +541,10 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A_traj, gen, device) -> di
             logs["kl"].append(kl.detach())
             logs["entropy"].append(-(p * logp_all).masked_fill(~m[idx], 0).sum(1).mean().detach())
             logs["clip_frac"].append(((logp - logp_old[idx]).exp().sub(1).abs() > cfg.epsilon).float().mean())
-    out = {k: (torch.stack(v).nanmean().item() if v else None) for k, v in logs.items()}  # one sync per update
+    out = {k: (torch.stack(v).mean().item() if v else None) for k, v in logs.items()}  # one sync per update
+    n = {k: v.item() for k, v in counts.items()}
+    out["cls_acc"] = n["cls_correct"] / n["cls_labelled"] if n["cls_labelled"] else None
+    out["cls_oracle_acc"] = n["oracle_correct"] / n["classified"] if n["classified"] and batch["has_oracle"] else None
     out["nonfinite"] = next((k for k, ok in finite.items() if not ok.item()), None)
     out["update_samples"] = len(useful) * cfg.num_iterations  # samples that carried a gradient
     if policy.cls_head is None:
@@ -591,6 +596,19 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     eval_gen = torch.Generator(device=device)
     os.makedirs(cfg.out, exist_ok=True)
+    stop = StopFlag()  # from here on, Ctrl-C asks the run to stop after the current iteration
+    old_handler = signal.signal(signal.SIGINT, stop) if threading_main() else None
+    try:
+        return train_loop(cfg, checkpoint, device, tok, policy, gen, rng, train_envs, eval_envs, probes, opt,
+                          eval_gen, stop)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+
+def train_loop(cfg, checkpoint, device, tok, policy, gen, rng, train_envs, eval_envs, probes, opt, eval_gen, stop):
+    """The body of train(), with Ctrl-C already routed to `stop`."""
+    K, G = cfg.tasks_per_iter, cfg.num_generations
     if checkpoint is None:
         cold_start(policy, cfg, train_envs, tok, rng, gen, device)
         ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
@@ -618,9 +636,7 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
         log({"iter": 0, "env_steps": 0} | {k: None for k in ROW_KEYS}
             | run_evaluation(policy, tok, eval_envs, probes, eval_gen, cfg, device, 0))
         save_checkpoint(*state())
-    stop, old_handler = StopFlag(), None
-    if threading_main():
-        old_handler = signal.signal(signal.SIGINT, stop)
+    hard_stop, saved = False, [metrics[-1]["iter"]]
     start = metrics[-1]["iter"] + 1
     bar = tqdm(range(start, cfg.iters + 1), disable=cfg.quiet, desc="grpo", unit="it", dynamic_ncols=True,
                initial=start - 1, total=cfg.iters)
@@ -673,21 +689,24 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
             log(row)
             if it % cfg.eval_every == 0 or it == cfg.iters or stop.requested:
                 save_checkpoint(*state())
+                saved[0] = it
             success = row["train_success_rate"]
             bar.set_postfix(success="n/a" if success is None else f"{success:.2f}",
                             flawed="n/a" if row["train_flawed_rate"] is None else f"{row['train_flawed_rate']:.3f}",
                             ret=f"{batch['reward'].mean():.2f}")
-    except KeyboardInterrupt:  # a second Ctrl-C: keep what the last checkpoint holds
-        stop.requested = True
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, mid-iteration; the last checkpoint stays as it is
+        hard_stop = True
     finally:
         log_file.close()
         bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
     summary = summarize(metrics, cfg)
     plot_run(metrics, cfg.out)
-    if stop.requested:
-        save_checkpoint(*state())
+    if hard_stop:
+        raise Interrupted(f"stopped at once; the checkpoint of iteration {saved[0]} is intact; resume with: "
+                          f"python grpo_cls.py --resume {cfg.out}")
+    if stop.requested and metrics[-1]["iter"] < cfg.iters:
+        if saved[0] != metrics[-1]["iter"]:
+            save_checkpoint(*state())
         raise Interrupted(f"interrupted after iteration {metrics[-1]['iter']}; resume with: "
                           f"python grpo_cls.py --resume {cfg.out}")
     return summary
@@ -889,7 +908,11 @@ def parse_args(argv=None) -> tuple[Config, dict | None]:
         if args["resume"]:
             checkpoint = load_checkpoint(args["resume"])
             given = vars(make_parser(defaults=False).parse_args(argv))
+            if "env" in given:
+                given["env"] = ENV_ALIASES.get(given["env"], given["env"])
             saved = {k: v for k, v in checkpoint["config"].items() if k in args}
+            if "env_kwargs" in given and json.loads(given["env_kwargs"] or "null") == json.loads(saved["env_kwargs"]):
+                given["env_kwargs"] = saved["env_kwargs"]
             changed = [k for k in SHAPE_FIELDS if k in given and given[k] != saved[k]]
             if changed:
                 raise TrainingError(f"--resume cannot change {', '.join(changed)}: the checkpoint was trained with "
@@ -917,6 +940,9 @@ def main(argv=None):
         sys.exit(2)
     except Interrupted as e:
         print(f"grpo_cls.py: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C before the training loop (cold start, first evaluation)
+        print("grpo_cls.py: stopped before the first checkpoint; nothing to resume", file=sys.stderr)
         sys.exit(130)
     if not cfg.quiet:
         print_summary(summary, cfg)

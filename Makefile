@@ -1,4 +1,5 @@
-# Two commands: `make run` and `make test`. Each creates .venv from requirements.txt when needed.
+# The two commands are `make run` and `make test`; `make bench`, `make claims` and `make figures` make
+# the README's numbers. Each target creates .venv from requirements.txt when needed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -27,5 +28,5 @@ clean:
 bench: $(STAMP)  ## measure the trainer against this machine's ceilings; writes bench.json
 	$(PY) bench.py
 
-claims: $(STAMP)  ## measure the paper's claims 1-3; writes results/claims.md and results/squeeze.png
+claims: $(STAMP)  ## measure the paper's claims; writes results/claims.md, squeeze.png, probe_rise.png
 	$(PY) claims.py

@@ -6,7 +6,7 @@
      lr * A * <grad log pi(a|s1), grad log pi(a|s2)>, in a near-identical state s2 where a is flawed.
 
 Writes results/claims.md, results/squeeze.png and results/probe_rise.png (3b trains 10 runs of plain
-GRPO, about 8 minutes on 2 cores; `python claims.py --quick` skips it). Each function is small and pure so the tests can
+GRPO, about 10 minutes on 2 cores; `python claims.py --quick` skips it). Each function is small and pure so the tests can
 check it exactly; this file imports the policy and the loss math from grpo_cls.py.
 """
 

@@ -508,7 +508,7 @@ def test_random_actions_never_break_an_env_or_its_promises(env_id, split, task, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Device selection (CI has no GPU: the CUDA path itself is measured by `make bench --device cuda`)
+# Device selection (CI has no GPU: the CUDA path itself is measured by `bench.py --device cuda`)
 # ---------------------------------------------------------------------------------------------
 
 def test_device_auto_falls_back_to_cpu_and_cuda_without_a_gpu_is_a_clear_error(monkeypatch):

@@ -132,13 +132,13 @@ def one_step_coupling(policy, tok, probe: dict, lr: float, A: float, device) -> 
 
 
 def coupling_over_training(env: str, seeds, out_dir: str) -> list[dict]:
-    """Plain GRPO (--cls-weight 0 --diag-every 1, default config otherwise) per seed: pi(flawed action | flawed twin),
+    """Plain GRPO (--cls-weight 0 --diag-every 1 --iters 80, default config otherwise) per seed: pi(flawed action | flawed twin),
     averaged over the twin probes, at every iteration. The measure and the 1.5x bar were fixed before
     any of these runs: peak over iterations / value at iteration 0 (the cold-started policy)."""
     rows = []
     for seed in seeds:
         run = os.path.join(out_dir, "runs", f"{env}-plain-seed{seed}")
-        cfg = g.Config(env=env, seed=seed, cls_weight=0.0, out=run, quiet=True, diag_every=1)
+        cfg = g.Config(env=env, seed=seed, cls_weight=0.0, out=run, quiet=True, diag_every=1, iters=80)
         g.train(cfg)
         metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
         curve = [(m["iter"], m["probe_flawed_prob"]) for m in metrics if m["probe_flawed_prob"] is not None]
@@ -217,7 +217,7 @@ def main(out_dir: str = "results", over_training: bool = True):
         lines += ["", "## 3b. Coupling over training, plain GRPO, 5 seeds per task", "",
                   "![probe rise](probe_rise.png)", "",
                   "Mean over the twin probes of pi(flawed action | flawed twin), logged at every iteration of",
-                  "`python grpo_cls.py --env ENV --seed S --diag-every 1` (plain GRPO, default config). Peak / initial compares the",
+                  "`python grpo_cls.py --env ENV --seed S --diag-every 1 --iters 80` (plain GRPO, default config otherwise). Peak / initial compares the",
                   "highest value over training with the cold-started policy at iteration 0. Bar, fixed in advance: 1.5x.", "",
                   "| env | seed | initial | peak (iteration) | final | peak / initial | >= 1.5x |", "|---|---|---|---|---|---|---|"]
         rows = []

@@ -29,6 +29,12 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+def pick_task(env: gym.Env, options: dict | None) -> int:
+    """The task index from options={"task": k}, or else one drawn from the env's seeded np_random."""
+    task = (options or {}).get("task")
+    return int(env.np_random.integers(2**31 - 1)) if task is None else int(task)
+
+
 # ---------------------------------------------------------------------------------------------
 # LavaGrid: a gridworld with risky and wasteful moves
 # ---------------------------------------------------------------------------------------------
@@ -127,10 +133,7 @@ class LavaGridEnv(gym.Env):
     # -- gymnasium API --------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        task = (options or {}).get("task")
-        if task is None:
-            task = int(self.np_random.integers(2**31 - 1))
-        self.task = int(task)
+        self.task = pick_task(self, options)
         self.grid = self.make_layout(self.task)
         self.agent = tuple(int(x) for x in np.argwhere(self.grid == AGENT)[0])
         self.grid[self.agent] = EMPTY  # the grid holds the room; the agent is drawn in by _obs
@@ -313,10 +316,7 @@ class KitchenEnv(gym.Env):
     # -- gymnasium API --------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        task = (options or {}).get("task")
-        if task is None:
-            task = int(self.np_random.integers(2**31 - 1))
-        self.task = int(task)
+        self.task = pick_task(self, options)
         self.goal, self.state = self.make_task(self.task)
         self.t, self.history = 0, []
         return self._obs(), self._info(flawed=False, success=False)

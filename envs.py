@@ -268,6 +268,10 @@ def kitchen_commands() -> list[str]:
             + [f"put {o}" for o in OBJECTS] + [f"clean {o}" for o in OBJECTS] + ["look", "inventory"])
 
 
+# command -> (verb, argument): "go to drawer" -> ("go", "drawer"); parsed once, read at every step
+COMMAND_PARTS = {c: (c.split()[0], c.split()[-1]) for c in kitchen_commands()}
+
+
 def kitchen_is_heldout(obj: str, goal: str, clean: bool) -> bool:
     """The held-out family: a quarter of the (object, goal receptacle, clean?) combinations."""
     return (OBJECTS.index(obj) + GOAL_RECEPTACLES.index(goal) + int(clean)) % 4 == 0
@@ -360,8 +364,8 @@ class KitchenEnv(gym.Env):
     # -- dynamics: a pure function of (state, command) ------------------------------------------
     @staticmethod
     def admissible(s: KitchenState, command: str) -> bool:
-        verb, arg = command.split()[0], command.split()[-1]
-        here_open = s.loc is not None and (s.loc in SURFACES or s.loc in s.opened)
+        verb, arg = COMMAND_PARTS[command]
+        here_open = s.loc in SURFACES or s.loc in s.opened  # None (the middle of the room) is in neither
         if verb == "go":
             return arg != s.loc
         if verb == "open":
@@ -381,7 +385,7 @@ class KitchenEnv(gym.Env):
         """The next state and the feedback word for `command` in state `s`. `s` is not modified."""
         if not cls.admissible(s, command):
             return s, "nothing happens"
-        verb, arg = command.split()[0], command.split()[-1]
+        verb, arg = COMMAND_PARTS[command]
         if verb == "go":
             return dataclasses.replace(s, loc=arg), "done"
         if verb == "open":

@@ -114,7 +114,7 @@ class Config:
     d_model: int = arg(64, "transformer width d")
     n_layers: int = arg(2, "transformer blocks")
     n_heads: int = arg(4, "attention heads")
-    eval_every: int = arg(10, "evaluate every N iterations (and at the last)")
+    eval_every: int = arg(20, "evaluate every N iterations (and at the last)")
     diag_every: int = arg(2, "run the twin-probe diagnostics every N iterations (~30 ms each)")
     eval_tasks: int = arg(128, "fixed task instances per evaluation split (in-domain and held-out)")
     device: str = arg("auto", "auto picks cuda when available", ("auto", "cpu", "cuda"))

@@ -713,7 +713,7 @@ def train_loop(cfg, checkpoint, device, tok, policy, gen, rng, train_envs, eval_
             batch = rollout(policy, train_envs, tok, tasks, seeds, gen, device)
             t_rollout = time.perf_counter() - t_phase
             env_steps = metrics[-1]["env_steps"] + len(batch["action"])
-            # 2. advantages: one outcome reward per trajectory, one advantage for all its steps
+            # 2. advantages: one outcome reward per trajectory, its advantage for all its steps (gigpo adds A_S)
             R = torch.as_tensor(batch["reward"], dtype=torch.float32, device=device).view(K, G)
             A_traj = group_advantages(R, cfg.scale_rewards).view(-1)                # (K*G,)
             A, step = step_signals(cfg, batch, A_traj, device)                      # (S,)

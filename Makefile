@@ -1,11 +1,12 @@
-# The two commands are `make run` and `make test`; `make bench`, `make claims`, `make compare`, `make matrix`
-# and `make figures` make the README's numbers. Each target creates .venv from requirements.txt when needed.
+# The two commands are `make run` and `make test`; `make bench`, `make claims`, `make compare`, the
+# `make matrix*` targets and `make figures` make the README's numbers. Each target creates .venv from
+# requirements.txt when needed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims compare matrix matrix-stage2 clean
+.PHONY: run test figures bench claims compare matrix matrix-stage2 matrix-cure matrix-lambda clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +40,11 @@ matrix: $(STAMP)  ## the pre-registered matrix of results/PROTOCOL.md (claims 3b
 
 matrix-stage2: $(STAMP)  ## stage 2 of the pre-registered matrix (weights, separate design), reusing stage 1
 	$(PY) compare.py --iters 100 --seeds 7101-7108 --coupling-seeds 7109,7110 --name fair
+
+CURE := --iters 100 --seeds 7101-7108 --runs runs/compare-fair --no-stage2
+matrix-cure: $(STAMP)  ## the decisive matrix (results/PROTOCOL.md): loop labels, the shaping control, no mask
+	$(PY) compare.py $(CURE) --tasks text,grid,text-nomask --name cure \
+		--arms plain,cls-advantage,cls-loop,cls-oracle,shape-loop,shape-oracle
+
+matrix-lambda: $(STAMP)  ## its sensitivity check: shaping at lambda 0.2, Kitchen
+	$(PY) compare.py $(CURE) --tasks text --name lambda --arms plain,cls-oracle,shape-oracle,shape-oracle-lambda0.2

@@ -32,13 +32,25 @@ import torch
 
 import grpo_cls as g
 
+TASKS = {  # name -> the Config fields of the task
+    "text": {"env": "text"},
+    "grid": {"env": "grid"},
+    "text-nomask": {"env": "text", "action_mask": "none"},  # Kitchen as an LLM agent plays it: all 33 commands
+}
 ARMS = {  # name -> the Config fields that differ from plain GRPO
     "plain": {},
     "cls-advantage": {"cls_weight": 0.5, "cls_labels": "advantage"},
     "cls-oracle": {"cls_weight": 0.5, "cls_labels": "oracle"},
     "cls-step": {"cls_weight": 0.5, "cls_labels": "step"},
     "gigpo": {"adv": "gigpo"},
+    "cls-loop": {"cls_weight": 0.5, "cls_labels": "loop"},
+    "shape-oracle": {"shaping": "oracle"},  # the same labels as cls-oracle, carried by the reward
+    "shape-loop": {"shaping": "loop"},
+    "shape-oracle-lambda0.2": {"shaping": "oracle", "shaping_lambda": 0.2},
 }
+DEFAULT_ARMS = "plain,cls-advantage,cls-oracle,cls-step,gigpo"  # make compare and make matrix
+CHANNELS = (("cls-oracle", "shape-oracle"), ("cls-loop", "shape-loop"),  # same labels, two channels
+            ("cls-oracle", "shape-oracle-lambda0.2"))
 SWEEP_WEIGHTS = (0.1, 2.0)  # with 0.5 from stage 1
 ITERS = 20  # what fits the 20-minute budget on 2 cores: 17 min (30 iterations took 22)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t
@@ -57,8 +69,8 @@ METRICS = [  # (key, column title, digits)
 def arm_config(task: str, seed: int, overrides: dict, iters: int, out: str):
     """The default config but for the arm, the length, one thread, and one evaluation, at the end (the
     evaluations never touch the training's random streams, so this changes no training step)."""
-    return g.Config(env=task, seed=seed, iters=iters, eval_every=iters, threads=1, quiet=True, overwrite=True,
-                    no_plots=True, out=out, **overrides)
+    return g.Config(**TASKS[task], seed=seed, iters=iters, eval_every=iters, threads=1, quiet=True,
+                    overwrite=True, no_plots=True, out=out, **overrides)
 
 
 def cold_start_checkpoint(cfg) -> None:
@@ -150,6 +162,7 @@ def run_measures(run: str) -> dict:
             "probe_area": float(((p[1:] + p[:-1]) / 2 * np.diff(it)).sum() / (it[-1] - it[0])),  # trapezoid mean
             "grad_cos": last("grad_cos_twin"), "embed_cos": last("embed_cos_good_bad"),
             "steps_to_bar": rows[hit[0] + SMOOTH]["env_steps"] if len(hit) else None,
+            "invalid": [r.get("train_invalid_rate") for r in rows[1:]],  # None where the policy is masked
             "curves": {k: [r[k] for r in rows] for k in ("train_success_rate", "train_flawed_rate")}
             | {"probe": probe}}
 
@@ -228,7 +241,7 @@ def label_quality(task: str, seed: int, init: str) -> dict:
     K, G = cfg.tasks_per_iter, cfg.num_generations
     envs_ = g.make_envs(cfg, K * G)
     tasks, seeds = np.repeat(rng.integers(2**31 - 1, size=K), G), rng.integers(2**31 - 1, size=K * G)
-    b = g.rollout(policy, envs_, tok, tasks, seeds, gen, device, keys=True)
+    b = g.rollout(policy, envs_, tok, tasks, seeds, gen, device, use_mask=cfg.action_mask == "env", keys=True)
     R = torch.as_tensor(b["reward"], dtype=torch.float32, device=device).view(K, G)
     A, step = g.step_signals(cfg, b, g.group_advantages(R, cfg.scale_rewards).view(-1), device)
     loop = tuple(torch.as_tensor(v, device=device) for v in g.loop_labels(b["traj"], b["key"], b["next_key"],
@@ -294,6 +307,55 @@ def verdict_table(results: dict, task: str, arms: list[str], seeds, base: str = 
         diffs = [[results[(task, arm, s)][k] - results[(task, base, s)][k] for s in seeds] for k, _, _ in rules]
         lines.append(f"| {arm} | " + " | ".join(f"{cell(d, 3, len(seeds))}: {verdict(d, low)}"
                                                 for d, (_, _, low) in zip(diffs, rules)) + " |")
+    return lines
+
+
+def channel_table(results: dict, task: str, seeds) -> list[str]:
+    """Same labels, two channels: the classifier arm minus the shaping arm with the same labels, same seed
+    (results/PROTOCOL.md, the decisive matrix, V-5b)."""
+    lines = ["| classifier - shaping | Δ final flawed rate | Δ in-domain success | Δ held-out success |",
+             "|---|---|---|---|"]
+    for cls_arm, shape_arm in CHANNELS:
+        if (task, cls_arm, seeds[0]) not in results or (task, shape_arm, seeds[0]) not in results:
+            continue
+        d = {k: [results[(task, cls_arm, s)][k] - results[(task, shape_arm, s)][k] for s in seeds]
+             for k in ("flawed", "success", "ood_success")}
+        lines.append(f"| {cls_arm} - {shape_arm} | {cell(d['flawed'], 3, len(seeds))}: {verdict(d['flawed'], True)} | "
+                     f"{cell(d['success'], 3, len(seeds))} | {cell(d['ood_success'], 3, len(seeds))} |")
+    return lines
+
+
+def invalid_table(results: dict, task: str, arms: list[str], seeds) -> list[str]:
+    """How often each arm takes a command the env would have masked: mean over seeds of the training
+    batches' share of inadmissible commands, over the first and the last 10 iterations."""
+    lines = ["| arm | inadmissible share, iterations 1-10 | last 10 iterations |", "|---|---|---|"]
+    for arm in arms:
+        runs = [results[(task, arm, s)]["invalid"] for s in seeds]
+        lines.append(f"| {arm} | {cell([np.mean(r[:10]) for r in runs], 3, len(seeds))} | "
+                     f"{cell([np.mean(r[-10:]) for r in runs], 3, len(seeds))} |")
+    return lines
+
+
+def default_label_rule(results: dict, seeds) -> list[str]:
+    """results/PROTOCOL.md, the decisive matrix, rule D: the agent-available label source that lowers the final
+    flawed rate against plain GRPO on Kitchen and LavaGrid and beats its shaping control on both. The
+    advantage sign is the outcome reward's own sign, so its shaping control is plain GRPO itself."""
+    lines, chosen = [], []
+    for source, control in (("advantage", "plain"), ("loop", "shape-loop")):
+        arm = f"cls-{source}"
+        if any((t, a, seeds[0]) not in results for t in ("text", "grid") for a in (arm, control, "plain")):
+            continue
+        ok = []
+        for t in ("text", "grid"):
+            for base in dict.fromkeys(("plain", control)):
+                d = [results[(t, arm, s)]["flawed"] - results[(t, base, s)]["flawed"] for s in seeds]
+                ok.append(verdict(d, True).startswith("lower"))
+        lines.append(f"- `{source}`: {'qualifies' if all(ok) else 'does not qualify'} "
+                     f"({sum(ok)} of {len(ok)} intervals below 0)")
+        chosen += [source] if all(ok) else []
+    if lines:
+        lines.append(f"- **Default `--cls-labels`: {chosen[0] if chosen else 'oracle'}**"
+                     + ("" if chosen else " (no agent-available source qualifies)"))
     return lines
 
 
@@ -374,14 +436,14 @@ def plot_coupling(results: dict, tasks, seeds, path: str):
     plt.close(fig)
 
 
-def plot_headline(results: dict, tasks, plain_seeds, seeds, path: str):
+def plot_headline(results: dict, tasks, plain_seeds, seeds, path: str, arms: list[str]):
     """The README's figure, one row a task. Left, coupling: each plain-GRPO seed's change of the coupled
     flawed action against its control (claim 3b). Right, the cure: each arm's final flawed rate minus
     plain GRPO's on the same seed, one dot a seed, with the mean and its 95% interval (claim 4)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    arms = [a for a in ARMS if a != "plain"]
+    arms = [a for a in arms if a != "plain"]
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.4 * len(tasks)), squeeze=False)
     for (left, right), t in zip(axes, tasks):
         runs = [results[(t, "plain", s)] for s in plain_seeds if (t, "plain", s) in results]
@@ -431,6 +493,26 @@ def plot_embeddings(panels: list, path: str):
     plt.close(fig)
 
 
+def recheck(run: str, init: str) -> int:
+    """Train a stored run again from its cold start, with this code, in a temporary folder, and compare
+    every metrics.jsonl field but the clocks and memory. 0 if all match (the run can be reused)."""
+    import tempfile
+    saved = json.load(open(os.path.join(run, "config.json")))
+    names = {f.name for f in dataclasses.fields(g.Config)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = g.Config(**{k: v for k, v in saved.items() if k in names} | {"out": tmp, "overwrite": True})
+        g.train(cfg, from_cold_start(g.load_checkpoint(init), cfg))
+        fresh = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
+    stored = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    clock = lambda k: k in ("wall_s", "rss_mib", "peak_rss_mib") or k.startswith("time_")  # noqa: E731
+    differ = sorted({k for a, b in zip(stored, fresh) for k in a if not clock(k) and a[k] != b.get(k)}
+                    | ({"rows"} if len(stored) != len(fresh) else set()))
+    new = sorted({k for b in fresh for k in b} - {k for a in stored for k in a})  # logged since the run was stored
+    verdict_text = f"differs in {', '.join(differ)}" if differ else "every stored field identical (clocks aside)"
+    print(f"{run}: {len(fresh)} rows, {verdict_text}" + (f"; not in the stored run: {', '.join(new)}" if new else ""))
+    return 1 if differ else 0
+
+
 def update_doc(block: str, marker: str, path: str = "docs/claim4.md"):
     """Replace the text between the doc's `marker` markers with `block`."""
     begin, end = f"<!-- {marker}:begin (written by compare.py) -->", f"<!-- {marker}:end -->"
@@ -462,18 +544,27 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="1-5", help="seeds of every cell, as '1-5' or '9101-9108,9120'; "
                    "1-5 are the development seeds, verdicts come from fresh ones (results/PROTOCOL.md)")
     p.add_argument("--coupling-seeds", default="", help="more seeds that run plain GRPO only, for claim 3b")
-    p.add_argument("--tasks", default="text,grid", help="tasks of stage 1")
+    p.add_argument("--tasks", default="text,grid", help=f"tasks of stage 1, from {', '.join(TASKS)}")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"arms of stage 1, 'plain' first, from {', '.join(ARMS)}")
     p.add_argument("--stage2-tasks", default="text", help="tasks of the weight sweep and the design ablation")
     p.add_argument("--no-stage2", action="store_true", help="run stage 1 only (a later call adds stage 2, reusing it)")
     p.add_argument("--workers", type=int, default=2, help="single-thread worker processes (2 cores: 2)")
     p.add_argument("--name", default="", help="names this matrix: runs/compare-NAME, results/compare-NAME.md "
                    "(default: none at 20 iterations, itersN otherwise)")
-    p.add_argument("--runs", default="runs/compare", help="folder of the run folders (-NAME is appended)")
+    p.add_argument("--runs", default="", help="folder of the run folders (default runs/compare-NAME); two "
+                   "matrices given the same folder share the runs whose config matches")
     p.add_argument("--out", default="results", help="folder for compare.md and the figures")
     p.add_argument("--doc-block", default="", help="markers in docs/claim4.md to write the report between "
                    "(default: the --name, or 'compare' for the default matrix)")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite any block of docs/claim4.md")
+    p.add_argument("--recheck", nargs=2, metavar=("RUN", "INIT"), help="only train the stored run folder RUN "
+                   "again from the cold start in INIT, and say whether every metric matches (before reusing it)")
     args = p.parse_args(argv)
+    if args.recheck:
+        return args
+    args.arms = args.arms.split(",")
+    if args.arms[0] != "plain" or not set(args.arms) <= set(ARMS) or not set(args.tasks.split(",")) <= set(TASKS):
+        p.error(f"--arms must start with plain and come from {', '.join(ARMS)}; --tasks from {', '.join(TASKS)}")
     if not set(args.stage2_tasks.split(",")) <= set(args.tasks.split(",")):
         p.error("every --stage2-tasks entry must also be in --tasks (stage 2 picks its labels from stage 1)")
     try:
@@ -490,11 +581,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.recheck:
+        sys.exit(recheck(*args.recheck))
     os.environ["OMP_NUM_THREADS"] = "1"  # the workers inherit it: two 2-thread processes on 2 cores collapse
     tasks, tasks2, seeds = args.tasks.split(","), args.stage2_tasks.split(","), args.seeds
     plain_seeds = seeds + [s for s in args.coupling_seeds if s not in seeds]
     suffix = f"-{args.name}" if args.name else ""  # other matrices never overwrite the default's files
-    args.runs += suffix
+    args.runs = args.runs or "runs/compare" + suffix
     init_dir = lambda t, s: os.path.join(args.runs, "init", f"{t}-seed{s}")  # noqa: E731
     run_dir = lambda t, arm, s: os.path.join(args.runs, f"{t}-{arm}-seed{s}")  # noqa: E731
     fields = lambda t, s, over, out: dataclasses.asdict(arm_config(t, s, over, args.iters, out))  # noqa: E731
@@ -515,20 +608,24 @@ def main(argv=None):
 
     # stage 1: plain GRPO on every seed first (claim 3b needs only those), then each seed's other arms
     cells = [(t, "plain", {}, s) for t in tasks for s in plain_seeds]
-    cells += [(t, arm, over, s) for s in seeds for t in tasks for arm, over in ARMS.items() if arm != "plain"]
+    arms = args.arms
+    cells += [(t, arm, ARMS[arm], s) for s in seeds for t in tasks for arm in arms[1:]]
     try:
         results = stage(cells, "stage 1")
-        labels = [a for a in ARMS if a.startswith("cls-")]
-        best = min(labels, key=lambda a: np.mean([results[(t, a, s)]["flawed"] for t in tasks for s in seeds]))
-        stage2 = {f"{best}-w{w:g}": ARMS[best] | {"cls_weight": w} for w in SWEEP_WEIGHTS}
-        stage2[f"{best}-separate"] = ARMS[best] | {"cls_design": "separate"}
+        labels = [a for a in arms if a.startswith("cls-")]
+        best = min(labels, key=lambda a: np.mean([results[(t, a, s)]["flawed"] for t in tasks for s in seeds]),
+                   default=None)
+        stage2 = {f"{best}-w{w:g}": ARMS.get(best, {}) | {"cls_weight": w} for w in SWEEP_WEIGHTS}
+        stage2[f"{best}-separate"] = ARMS.get(best, {}) | {"cls_design": "separate"}
         if not args.no_stage2:
+            if best is None:
+                sys.exit("compare.py: stage 2 needs a classifier arm in stage 1; add one to --arms or pass --no-stage2")
             results |= stage([(t, arm, over, s) for s in seeds for t in tasks2 for arm, over in stage2.items()],
                              "stage 2")
     except KeyboardInterrupt:
         sys.exit(f"compare.py: interrupted; {args.runs} keeps every finished run, and the same command skips them")
     os.makedirs(args.out, exist_ok=True)
-    plot_curves(results, tasks, list(ARMS), seeds, os.path.join(args.out, f"compare_curves{suffix}.png"),
+    plot_curves(results, tasks, arms, seeds, os.path.join(args.out, f"compare_curves{suffix}.png"),
                 f"stage 1: mean of {len(seeds)} seeds, band = lowest to highest seed")
     sweep_arms = [best] + list(stage2)
     if not args.no_stage2:
@@ -536,15 +633,16 @@ def main(argv=None):
                     os.path.join(args.out, f"compare_sweep{suffix}.png"),
                     f"stage 2 ({best}): weight 0.1 / 0.5 / 2 and the separate-path design")
     plot_coupling(results, tasks, plain_seeds, os.path.join(args.out, f"coupling{suffix}.png"))
-    plot_headline(results, tasks, plain_seeds, seeds, os.path.join(args.out, f"headline{suffix}.png"))
+    plot_headline(results, tasks, plain_seeds, seeds, os.path.join(args.out, f"headline{suffix}.png"), arms)
     panels, load = [], lambda d: g.load_checkpoint(d)["model"]  # noqa: E731
     s1 = seeds[0]  # the first seed: the shared cold start, then plain GRPO and the best classifier after training
     for t in tasks:
         cfg_plain = arm_config(t, s1, {}, args.iters, "unused")
         panels.append((t, "cold start (every arm)", *pair_embeddings(cfg_plain, load(init_dir(t, s1)))))
         panels.append((t, "plain GRPO, after", *pair_embeddings(cfg_plain, load(run_dir(t, "plain", s1)))))
-        panels.append((t, f"{best}, after", *pair_embeddings(arm_config(t, s1, ARMS[best], args.iters, "unused"),
-                                                            load(run_dir(t, best, s1)))))
+        if best is not None:
+            panels.append((t, f"{best}, after", *pair_embeddings(arm_config(t, s1, ARMS[best], args.iters, "unused"),
+                                                                load(run_dir(t, best, s1)))))
     plot_embeddings(panels, os.path.join(args.out, f"embedding_scatter{suffix}.png"))
     quality = {(t, s): label_quality(t, s, init_dir(t, s)) for t in tasks for s in seeds}
     minutes, n_runs = (time.time() - t0) / 60, len(results)
@@ -553,26 +651,40 @@ def main(argv=None):
     seed_text = lambda v: ",".join(map(str, v))  # noqa: E731
     command = (f"python compare.py --iters {args.iters} --seeds {seed_text(seeds)}"
                + (f" --coupling-seeds {seed_text(args.coupling_seeds)}" if args.coupling_seeds else "")
+               + (f" --tasks {args.tasks}" if args.tasks != "text,grid" else "")
+               + (f" --arms {','.join(arms)}" if ",".join(arms) != DEFAULT_ARMS else "")
                + (f" --name {args.name}" if args.name and args.name != f"iters{args.iters}" else "")
+               + (f" --runs {args.runs}" if args.runs != "runs/compare" + suffix else "")
                + (" --no-stage2" if args.no_stage2 else ""))
     lines = [f"Generated by `{command}`: {args.iters}-iteration runs, seeds {seed_text(seeds)}, default config "
              f"otherwise; every cell is the mean ± the half-width of a 95% Student-t interval over seeds. "
              f"Verdicts follow the rules of results/PROTOCOL.md: an effect is a paired 95% interval that excludes 0. "
              f"Steps to 0.9: the first iteration whose last {SMOOTH} iterations' training success averages >= "
              f"{SUCCESS_BAR} (k/n: seeds that got there). Probe area: pi(flawed | flawed twin) averaged over "
-             f"training (trapezoid). Stage 2 uses {best}, the label source with the lowest mean final flawed rate "
-             f"in stage 1, pooled over the tasks. {took}"]
+             f"training (trapezoid). "
+             + ("" if args.no_stage2 else f"Stage 2 uses {best}, the label source with the lowest mean final "
+                f"flawed rate in stage 1, pooled over the tasks. ") + took]
     lines += ["", "### Claim 3b: coupling over training, against the within-run control", "",
               f"Plain GRPO, seeds {seed_text(plain_seeds)}. Δ log-ratio: the training mean of log pi(coupled flawed "
               f"action | flawed twin) - log mean pi(other flawed actions | flawed twin), minus its value after the "
               f"cold start, averaged over the probes (compare.coupling_measures).", ""]
     lines += coupling_table(results, tasks, plain_seeds)
     for t in tasks:
-        lines += ["", f"### {t}: stage 1", ""] + table(results, t, list(ARMS), seeds)
+        lines += ["", f"### {t}: stage 1", ""] + table(results, t, arms, seeds)
         lines += ["", f"{t}, each arm minus plain GRPO on the same seed:", ""]
-        lines += paired_table(results, t, list(ARMS)[1:], seeds)
+        lines += paired_table(results, t, arms[1:], seeds)
         lines += ["", f"{t}, verdicts (arm minus plain GRPO, same seed):", ""]
-        lines += verdict_table(results, t, list(ARMS)[1:], seeds)
+        lines += verdict_table(results, t, arms[1:], seeds)
+        channels = channel_table(results, t, seeds)
+        if len(channels) > 2:
+            lines += ["", f"{t}, same labels, two channels (classifier arm minus shaping arm, same seed):", ""]
+            lines += channels
+        if TASKS[t].get("action_mask") == "none":
+            lines += ["", f"{t}, commands the env would have masked (training batches):", ""]
+            lines += invalid_table(results, t, arms, seeds)
+    rule = default_label_rule(results, seeds)
+    if rule:
+        lines += ["", "### The default label source (results/PROTOCOL.md, the decisive matrix, rule D)", ""] + rule
     lines += ["", "### Label quality", "", "On a training-sized batch played by each seed's cold-started policy (labels "
               "change as training goes on):", ""] + label_table(quality, tasks, seeds)
     for t in tasks2 if not args.no_stage2 else []:

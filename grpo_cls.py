@@ -71,6 +71,7 @@ CLS_DESIGNS = ("shared", "separate")
 ADVANTAGES = ("grpo", "gigpo")
 SCALE_REWARDS = ("group", "batch", "none")
 ACTION_MASKS = ("env", "none")
+SHAPING = ("none", "oracle", "loop")
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png",
              "probe_heatmap.png")
 ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "success_rate",
@@ -124,6 +125,10 @@ class Config:
     cls_design: str = arg("shared", "classifier: a head on the policy's own pair embedding phi(s, a) "
                           "(shared), or a second pass through the trunk with the action as an extra input "
                           "token (separate)", CLS_DESIGNS)
+    shaping: str = arg("none", "reward-shaping control: the outcome reward minus --shaping-lambda for each "
+                       "step the oracle's flag (oracle) or the loop labels (loop) call bad; the classifier's "
+                       "information carried by the reward instead", SHAPING)
+    shaping_lambda: float = arg(0.05, "lambda, the reward taken off per step labelled bad (--shaping)")
     action_mask: str = arg("env", "env: the policy chooses among the actions info['action_mask'] allows; "
                            "none: among all, and an inadmissible one wastes a step and is flawed (as for an "
                            "LLM agent)", ACTION_MASKS)
@@ -415,6 +420,19 @@ def loop_labels(traj: np.ndarray, key: list, next_key: list, success: np.ndarray
     return y, labelled
 
 
+def shaped_rewards(cfg: Config, batch) -> np.ndarray:
+    """(N,) the reward GRPO normalises in each group: the outcome reward R, and with --shaping
+    R - lambda * (the number of the trajectory's steps that the oracle or the loop labels call bad)."""
+    if cfg.shaping == "none":
+        return batch["reward"]
+    if cfg.shaping == "oracle":
+        bad = batch["flawed"]
+    else:
+        bad = loop_labels(batch["traj"], batch["key"], batch["next_key"], batch["success"])[0] > 0
+    return batch["reward"] - cfg.shaping_lambda * np.bincount(batch["traj"], weights=bad,
+                                                              minlength=len(batch["reward"]))
+
+
 def step_signals(cfg: Config, batch, A_traj, device):
     """The advantage of every step sample, A (S,), and for --cls-labels step or loop the labels
     (y, labelled). grpo: each step gets its trajectory's advantage. gigpo: plus omega * A_S from the
@@ -523,13 +541,25 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
 # The update: two streams in one optimizer step, loss = pg_loss + beta * kl + cls_weight * cls_loss
 # ---------------------------------------------------------------------------------------------
 
+def varied_groups(R: np.ndarray, G: int) -> np.ndarray:
+    """R (N,) one reward per trajectory -> (K,) True for the groups whose rewards are not all equal."""
+    R = R.reshape(-1, G)                                                      # (K, G)
+    return (R != R[:, :1]).any(axis=1)
+
+
 def informative_steps(batch, G: int) -> np.ndarray:
     """(S',) indices of the step samples of groups whose outcome rewards differ. A group that ties gets
     A = 0 from GRPO, so its steps carry no policy gradient and are skipped (as DAPO drops such groups).
     The rule reads the outcome rewards only, so it is the same in every arm."""
-    R = batch["reward"].reshape(-1, G)                                        # (K, G)
-    varied = (R != R[:, :1]).any(axis=1)                                      # (K,)
-    return np.flatnonzero(varied[batch["traj"] // G])
+    return np.flatnonzero(varied_groups(batch["reward"], G)[batch["traj"] // G])
+
+
+def shaping_steps(batch, G: int) -> np.ndarray:
+    """The steps of groups whose outcomes tie but whose shaped rewards differ: what --shaping adds where
+    the outcome reward carries nothing. They are the shaping arm's side stream, as the labelled steps
+    are the classifier's."""
+    only = varied_groups(batch["shaped_reward"], G) & ~varied_groups(batch["reward"], G)
+    return np.flatnonzero(only[batch["traj"] // G])
 
 
 def policy_terms(policy, ref, cfg: Config, x, m, a, logp_old, A) -> dict:
@@ -557,23 +587,30 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
     """num_iterations epochs of minibatch steps on the batch. A (S,) is each step sample's advantage,
     step the step-level labels or None.
 
-    Two streams share each optimizer step. The policy-gradient stream takes the informative steps
-    (informative_steps) in minibatches drawn with `gen`, exactly as plain GRPO does: a classifier or its
-    labels never change its samples, its mean or the number of steps (test_fair_update_*). The
-    classifier stream takes the labelled steps, drawn with its own generator `cls_gen`, spread over the
-    same optimizer steps. Returns the mean of each logged term and the counts of update_stats()."""
+    The policy-gradient stream takes the informative steps (informative_steps) in minibatches drawn
+    with `gen`, exactly as plain GRPO does. Side streams, drawn with their own generator `cls_gen`, are
+    spread over the same optimizer steps: the classifier's labelled steps, and with --shaping the steps
+    of groups that only the shaped reward separates (shaping_steps), which join the policy-gradient
+    minibatches. Neither changes the plain samples, their order or the number of steps
+    (test_fair_update_*). Returns the mean of each logged term and the counts of update_stats()."""
     x, m = torch.as_tensor(batch["tokens"], device=device), torch.as_tensor(batch["mask"], device=device)
     a, logp_old = (torch.as_tensor(batch[k], device=device) for k in ("action", "logp"))
     flawed = torch.as_tensor(batch["flawed"], device=device)
-    pg_idx = torch.as_tensor(informative_steps(batch, cfg.num_generations), device=device)        # (S',)
+    pg_idx = torch.as_tensor(informative_steps(batch, cfg.num_generations), device=device)     # (S_pg,)
+    cls_gen = cls_gen or torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    shaped_idx = torch.as_tensor(shaping_steps(batch, cfg.num_generations) if cfg.shaping != "none"
+                                 else np.zeros(0, dtype=np.int64), device=device)              # (S_shaped,)
     if policy.cls_design:
         y, labelled = cls_targets(cfg.cls_labels, A, flawed, step)
-        cls_idx = torch.nonzero(labelled).squeeze(1)                                            # (S'',)
-        cls_gen = cls_gen or torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        cls_idx = torch.nonzero(labelled).squeeze(1)                                           # (S_cls,)
     logs = []
-    for _ in range(cfg.num_iterations if len(pg_idx) else 0):  # every group tied: nothing to learn
+    for _ in range(cfg.num_iterations if len(pg_idx) else 0):  # every outcome tied: nothing to learn
         order = torch.randperm(len(pg_idx), device=device, generator=gen)
         pg_batches = pg_idx[order].split(cfg.minibatch_size)
+        if len(shaped_idx):  # the shaped-only steps, in as many parts, join the policy-gradient minibatches
+            order = torch.randperm(len(shaped_idx), device=device, generator=cls_gen)
+            parts = shaped_idx[order].tensor_split(len(pg_batches))
+            pg_batches = [torch.cat(p) for p in zip(pg_batches, parts)]
         cls_batches = [None] * len(pg_batches)
         if policy.cls_design:  # the labelled steps, in as many minibatches as the policy stream has
             order = torch.randperm(len(cls_idx), device=device, generator=cls_gen)
@@ -591,7 +628,8 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
             opt.step()
             logs.append(step_stats(t, cfg, m[idx], logp_old[idx], *(
                 (flawed[jdx], y[jdx]) if t["c"] is not None else (None, None))))
-    return update_stats(logs, cfg, batch, policy, ref, labelled if policy.cls_design else None, len(pg_idx))
+    n_pg = len(pg_idx) + len(shaped_idx) if len(pg_idx) else 0
+    return update_stats(logs, cfg, batch, policy, ref, labelled if policy.cls_design else None, n_pg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,9 +761,11 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
             # 1. rollout: G trajectories from identical initial states of each of K tasks
             with log.timer("rollout"):
                 batch = rollout(policy, train_envs, tok, *group_instances(cfg, rng), gen, device,
-                                use_mask=cfg.action_mask == "env", keys=cfg.cls_labels == "loop")
-            # 2. advantages: one outcome reward per trajectory, for every one of its steps (gigpo adds A_S)
-            R = torch.as_tensor(batch["reward"], dtype=torch.float32, device=device).view(K, G)  # (K, G)
+                                use_mask=cfg.action_mask == "env",
+                                keys="loop" in (cfg.cls_labels, cfg.shaping))
+            # 2. advantages: one reward per trajectory (outcome, or shaped), for every one of its steps
+            batch["shaped_reward"] = shaped_rewards(cfg, batch)  # (K*G,) the outcome reward, unless --shaping
+            R = torch.as_tensor(batch["shaped_reward"], dtype=torch.float32, device=device).view(K, G)
             A_traj = group_advantages(R, cfg.scale_rewards).view(-1)                              # (K*G,)
             A, step = step_signals(cfg, batch, A_traj, device)                                    # (S,)
             # 3. update, at a learning rate annealed linearly to 0 over the run
@@ -773,7 +813,7 @@ def check_config(cfg: Config):
         raise ValueError(f"--num-generations must be >= 2 (a group needs a baseline), "
                          f"got {cfg.num_generations}")
     for name in ("lr", "epsilon", "beta", "max_grad_norm", "cls_weight", "sft_noise", "sft_lr", "omega",
-                 "gamma"):
+                 "gamma", "shaping_lambda"):
         v = getattr(cfg, name)
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
@@ -795,6 +835,8 @@ def check_config(cfg: Config):
 def check_label_source(cfg: Config, env: gym.Env):
     if cfg.cls_labels == "oracle" and cfg.cls_weight > 0 and "flawed" not in env.reset(seed=0)[1]:
         raise TrainingError(f"--cls-labels oracle needs info['flawed'], which {cfg.env} does not give")
+    if cfg.shaping == "oracle" and "flawed" not in env.reset(seed=0)[1]:
+        raise TrainingError(f"--shaping oracle needs info['flawed'], which {cfg.env} does not give")
 
 
 def check_finite(stats: dict, it: int, cfg: Config):

@@ -920,3 +920,76 @@ def test_claims_mechanism_classification_alone_never_moves_the_policy_head_and_t
     assert "pair_m.weight" in r["classification alone"]["moved"]  # phi, which the policy logit reads, moves
     assert not {"cls_head.weight", "cls_head.bias"} & r["policy gradient alone"]["moved"]
     assert r["classification alone"]["embed_cos"] != r["before"]["embed_cos"]
+
+
+# -- the reward-shaping control: the labels' information carried by the reward ------------------------
+
+def test_shaped_rewards_take_lambda_off_the_outcome_for_each_step_labelled_bad():
+    batch = {"reward": np.array([1.0, 0.0, 0.0, 1.0]), "traj": np.array([0, 0, 1, 1, 1, 2, 3]),
+             "flawed": np.array([True, False, True, True, False, False, False]), "success": np.array([1, 0, 0, 1]),
+             "key": list("ab") + list("abaxy"), "next_key": list("bc") + list("babyz")}
+    oracle = tiny(out="unused", shaping="oracle", shaping_lambda=0.1)
+    assert np.allclose(g.shaped_rewards(oracle, batch), [0.9, -0.2, 0.0, 1.0])
+    # loop labels: trajectory 0 goes a -> b -> c; trajectory 1 goes a -> b -> a -> b, a loop back to a
+    loop_bad = g.loop_labels(batch["traj"], batch["key"], batch["next_key"], batch["success"])[0]
+    assert loop_bad.tolist() == [0, 0, 1, 1, 0, 0, 0]
+    loop = dataclasses.replace(oracle, shaping="loop")
+    assert np.allclose(g.shaped_rewards(loop, batch), [1.0, -0.2, 0.0, 1.0])
+    assert g.shaped_rewards(dataclasses.replace(oracle, shaping="none"), batch) is batch["reward"]
+
+
+def test_shaping_steps_are_the_steps_of_groups_that_only_the_shaped_reward_separates():
+    batch = {"reward": np.array([1.0, 1.0, 0.0, 0.0, 1.0, 0.0]),
+             "shaped_reward": np.array([0.9, 1.0, 0.0, 0.0, 1.0, 0.0]), "traj": np.array([0, 0, 1, 2, 3, 3, 4, 5, 5])}
+    assert g.shaping_steps(batch, G=2).tolist() == [0, 1, 2]  # group (0, 1); (2, 3) ties in both, (4, 5) in neither
+
+
+def shaping_batch():
+    """A batch of a random LavaGrid policy: 8 groups of 8, some whose outcomes tie while their flawed
+    counts differ, and the advantages train() gives it under --shaping oracle."""
+    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, shaping="oracle")
+    device, tok, policy, gen, rng = g.build(cfg)
+    batch = g.rollout(policy, g.make_envs(cfg, 64), tok, np.repeat(np.arange(8), 8), np.arange(64), gen, device)
+    batch["shaped_reward"] = g.shaped_rewards(cfg, batch)
+    return cfg, device, batch
+
+
+def test_fair_update_shaping_keeps_plain_grpos_samples_and_step_count_and_adds_the_tied_groups():
+    cfg, device, batch = shaping_batch()
+    informative, shaped_only = g.informative_steps(batch, G=8), g.shaping_steps(batch, G=8)
+    assert len(informative) > cfg.minibatch_size and len(shaped_only) > 0  # several minibatches, and a side stream
+    out, params = {}, {}
+    for name, reward, arm in (("plain", batch["reward"], dataclasses.replace(cfg, shaping="none")),
+                              ("shaping", batch["shaped_reward"], cfg),
+                              ("lambda 0", batch["reward"], dataclasses.replace(cfg, shaping_lambda=0.0))):
+        b = batch | {"shaped_reward": g.shaped_rewards(arm, batch)}
+        A = g.group_advantages(torch.as_tensor(reward, dtype=torch.float32).view(8, 8)).view(-1)[b["traj"]]
+        _, _, policy, gen, _ = g.build(cfg)
+        out[name] = g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), arm, b, A, None, gen, device)
+        params[name] = [p.detach().clone() for p in policy.parameters()]
+    assert out["shaping"]["opt_steps"] == out["plain"]["opt_steps"] == math.ceil(len(informative) / cfg.minibatch_size)
+    assert out["plain"]["update_samples"] == len(informative)
+    assert out["shaping"]["update_samples"] == len(informative) + len(shaped_only)
+    assert all(torch.equal(p, q) for p, q in zip(params["lambda 0"], params["plain"]))  # lambda 0 is plain GRPO
+    assert not all(torch.equal(p, q) for p, q in zip(params["shaping"], params["plain"]))
+    # the side stream is trained on: with an advantage on the shaped-only steps alone, the policy moves
+    A = torch.zeros(len(batch["traj"]))
+    A[shaped_only] = 1.0
+    _, _, policy, gen, _ = g.build(cfg)
+    before = [p.detach().clone() for p in policy.parameters()]
+    g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), cfg, batch, A, None, gen, device)
+    assert not all(torch.equal(p, q) for p, q in zip(policy.parameters(), before))
+
+
+def test_train_gives_grpo_the_shaped_reward_so_groups_whose_outcomes_tie_get_an_advantage(tmp_path, monkeypatch):
+    seen = []
+    real = g.grpo_update
+    monkeypatch.setattr(g, "grpo_update", lambda *a, **k: seen.append((a[4], a[5])) or real(*a, **k))
+    g.train(tiny(out=str(tmp_path), env="grid", iters=1, tasks_per_iter=8, num_generations=8, sft_steps=0,
+                 quiet=True, no_plots=True, eval_tasks=2, shaping="oracle", shaping_lambda=0.05))
+    batch, A = seen[0]
+    R = torch.as_tensor(batch["reward"] - 0.05 * np.bincount(batch["traj"], weights=batch["flawed"], minlength=64),
+                        dtype=torch.float32)
+    assert torch.allclose(A, g.group_advantages(R.view(8, 8)).view(-1)[batch["traj"]])
+    tied = g.shaping_steps(batch, G=8)
+    assert len(tied) and (A[tied] != 0).any()  # plain GRPO gives these steps A = 0

@@ -133,14 +133,15 @@ def one_step_coupling(policy, tok, probe: dict, lr: float, A: float, device) -> 
     return after - lp_bad.item(), predicted
 
 
-def mechanism(env: str, epochs: int = 10, seed: int = 1) -> dict:
+def mechanism(env: str, epochs: int = 10, seed: int = 1, **overrides) -> dict:
     """Does classification alone pull the twins apart? From one cold-started policy and one training
     batch, `epochs` passes of the classification loss alone (oracle labels, every advantage 0, so the
     policy gradient is off), against the same passes of the policy gradient alone (the batch's own
     advantages, the classifier weighted 0). Returns the twin probes' embedding and gradient cosines,
-    each (probes,), before and after each arm, and the parameters each arm moved."""
-    cfg = g.Config(env=env, seed=seed, cls_weight=1.0, cls_labels="oracle", num_iterations=epochs, out="unused",
-                   quiet=True)
+    each (probes,), before and after each arm, and the parameters each arm moved. `overrides` are Config
+    fields (the tests shrink the model and the batch)."""
+    cfg = g.Config(**{"env": env, "seed": seed, "cls_weight": 1.0, "cls_labels": "oracle", "num_iterations": epochs,
+                      "out": "unused", "quiet": True} | overrides)
     device, tok, policy, gen, rng = g.build(cfg)
     K, G = cfg.tasks_per_iter, cfg.num_generations
     envs_ = g.make_envs(cfg, K * G)

@@ -22,8 +22,9 @@ The method reads top to bottom down to the ruler "Plumbing"; below it is bookkee
 Deviations from the paper (see the README for the reasons):
   1. The actor is a 2-layer transformer, not an LLM; GCD's *generated* verdict becomes a linear
      classifier head on the same (state, action) embedding that the policy's logit reads.
-  2. Labels for the classifier come from the advantage sign (default), the env's oracle, or step-level
-     anchors (states that recur within a group); the paper does not pin its label source down.
+  2. Labels for the classifier come from the advantage sign (default), the env's oracle, step-level
+     anchors (states that recur within a group), or loops in what the agent sees; the paper does not
+     pin its label source down.
      `--cls-design separate` (the action as an input token, as an LLM judge reads it) is the ablation.
   3. The cold start is behaviour cloning on a noisy scripted agent; the prompt-based correction is omitted.
   4. pg_loss and kl average over the steps of groups whose rewards differ (a tied group has A = 0); the
@@ -31,6 +32,8 @@ Deviations from the paper (see the README for the reasons):
      so that it never changes what the policy-gradient term sees (grpo_update).
   5. `--adv gigpo` (GiGPO's step-level advantage, arXiv:2505.10978) is a baseline for comparison only;
      like every term here it acts on the steps of untied groups only.
+  6. `--shaping` is a control the paper does not run: the classifier's labels carried by the reward
+     (minus lambda per bad step) instead of by a loss on the pair embedding.
 """
 
 from __future__ import annotations
@@ -57,14 +60,6 @@ from tqdm import tqdm
 
 import envs  # noqa: F401  (registers grpo_cls/LavaGrid-v0 and grpo_cls/Kitchen-v0)
 
-class TrainingError(Exception):
-    """A run cannot go on; main() prints the message as one line and exits 2."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C: the run saved a checkpoint and stops; main() exits 130."""
-
-
 ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0"}
 CLS_LABELS = ("advantage", "oracle", "step", "loop")
 CLS_DESIGNS = ("shared", "separate")
@@ -72,15 +67,6 @@ ADVANTAGES = ("grpo", "gigpo")
 SCALE_REWARDS = ("group", "batch", "none")
 ACTION_MASKS = ("env", "none")
 SHAPING = ("none", "oracle", "loop")
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png",
-             "probe_heatmap.png")
-ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "success_rate",
-            "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob", "probe_flawed_probs",
-            "probe_control_probs", "grad_cos_twin", "grad_cos_twin_each", "embed_cos_good_bad", "embed_cos_each",
-            "probe_action_probs", "adv_flawed_mean", "adv_good_mean", "zero_std_frac", "pg_loss", "cls_loss",
-            "kl", "entropy", "clip_frac", "cls_acc", "cls_oracle_acc", "cls_labelled_frac", "eval_return",
-            "ood_eval_return", "update_samples", "opt_steps", "rss_mib", "peak_rss_mib", "time_rollout_s",
-            "time_update_s", "time_eval_s", "time_diag_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,74 +141,9 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer: the vocabulary comes from what the env declares, never from data seen at run time
-# ---------------------------------------------------------------------------------------------
-
-class Tokenizer:
-    """Maps an observation to (L,) token ids. Token 0 is padding, token 1 is <s>, read out by the policy.
-
-    Our envs declare `vocab` (and Kitchen `max_words`); for any other env the vocabulary is read off the
-    observation space: Discrete -> one token, MultiDiscrete or a small integer Box -> one token per
-    cell, Text -> one token per character.
-    """
-
-    def __init__(self, env: gym.Env):
-        base, space = env.unwrapped, env.observation_space
-        if not isinstance(env.action_space, gym.spaces.Discrete):
-            raise ValueError(f"the action space must be Discrete, got {env.action_space}")
-        default_names = [f"action{i}" for i in range(env.action_space.n)]
-        self.action_names = list(getattr(base, "action_names", default_names))
-        vocab = getattr(base, "vocab", None)
-        if isinstance(space, gym.spaces.Text):
-            self.kind = "words" if vocab else "chars"
-            vocab = vocab or sorted(space.character_set)
-            self.seq_len = 1 + (base.max_words if self.kind == "words" else space.max_length)
-        elif isinstance(space, gym.spaces.Discrete):
-            self.kind, self.low, self.seq_len = "cells", int(space.start), 2
-            vocab = vocab or [f"obs{i}" for i in range(space.n)]
-        elif isinstance(space, gym.spaces.MultiDiscrete) or is_small_int_box(space):
-            low = space.low if isinstance(space, gym.spaces.Box) else np.zeros(space.shape, np.int64)
-            high = space.high if isinstance(space, gym.spaces.Box) else space.nvec - 1
-            self.kind, self.low, self.seq_len = "cells", low.astype(np.int64), 1 + int(np.prod(space.shape))
-            vocab = vocab or [f"v{i}" for i in range(int((high - low).max()) + 1)]
-        else:
-            raise ValueError(f"unsupported observation space {space}; supported: Discrete, MultiDiscrete, "
-                             f"Box with small integer bounds, Text")
-        self.words = ["<pad>", "<s>"] + list(vocab)
-        self.words += sorted({w for a in self.action_names for w in a.split()} - set(self.words))
-        self.index = {w: i for i, w in enumerate(self.words)}
-        # (A, k) the words of each action's name, padded with 0: actions share word embeddings
-        k = max(len(a.split()) for a in self.action_names)
-        self.action_tokens = np.zeros((len(self.action_names), k), dtype=np.int64)
-        for i, name in enumerate(self.action_names):
-            ids = [self.index[w] for w in name.split()]
-            self.action_tokens[i, : len(ids)] = ids
-
-    def encode(self, obs) -> np.ndarray:
-        ids = np.zeros(self.seq_len, dtype=np.int64)  # (L,)
-        ids[0] = 1
-        if self.kind == "cells":  # cell value v -> word 2 + v - low
-            ids[1:] = (np.asarray(obs) - self.low).reshape(-1) + 2
-            return ids
-        units = obs.split() if self.kind == "words" else list(obs)
-        if len(units) > self.seq_len - 1:
-            raise ValueError(f"observation has {len(units)} {self.kind}, more than the {self.seq_len - 1} "
-                             f"declared")
-        ids[1: 1 + len(units)] = [self.index[u] for u in units]
-        return ids
-
-
-def is_small_int_box(space) -> bool:
-    """A Box whose bounds are finite integers at most 256 apart: each cell is then one token."""
-    return (isinstance(space, gym.spaces.Box)
-            and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))
-            and np.all(space.low == np.round(space.low)) and np.all(space.high == np.round(space.high))
-            and float((space.high - space.low).max()) <= 256)
-
-
-# ---------------------------------------------------------------------------------------------
 # Model: a small pre-LN transformer; the policy logit and the classifier read one pair embedding
 # Letters: B = samples, L = tokens per observation, A = actions, d = width, k = words per action
+# An observation arrives as (L,) token ids, <s> first (Tokenizer, below the ruler).
 # ---------------------------------------------------------------------------------------------
 
 class Block(nn.Module):
@@ -462,19 +383,6 @@ def step_signals(cfg: Config, batch, A_traj, device):
 # ---------------------------------------------------------------------------------------------
 # Rollout: all K*G envs step in lockstep, one batched forward per step, finished envs masked out
 # ---------------------------------------------------------------------------------------------
-
-def is_ours(cfg: Config) -> bool:
-    """Our envs take options={"task": k} and split=; any other env is reset from a seed alone."""
-    return cfg.env.startswith("grpo_cls/")
-
-
-def make_envs(cfg: Config, n: int, split: str = "train") -> list[gym.Env]:
-    """n copies of the env. Only our envs have a held-out family; others get [] for split='heldout'."""
-    kwargs = json.loads(cfg.env_kwargs) | ({"split": split} if is_ours(cfg) else {})
-    if split != "train" and not is_ours(cfg):
-        return []
-    return [gym.make(cfg.env, **kwargs) for _ in range(n)]
-
 
 FORWARD_CHUNK = 64  # bench.py: on a 2-core CPU a forward of 64 samples is ~1.5x faster per sample than 128
 
@@ -716,22 +624,6 @@ def cold_start(policy, cfg: Config, envs_, tok, rng, gen, device):
 # Training: one loop, five numbered phases (the bookkeeping is below the ruler at the end)
 # ---------------------------------------------------------------------------------------------
 
-def build(cfg: Config):
-    """Seeded RNGs, the device, the tokenizer and the policy, from the config alone."""
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    device = torch.device(pick_device(cfg.device))
-    try:
-        tok = Tokenizer(make_envs(cfg, 1)[0])
-    except ValueError as e:
-        raise TrainingError(f"--env {cfg.env}: {e}")
-    policy = Policy(len(tok.words), tok.seq_len, tok.action_tokens, cfg.d_model, cfg.n_layers, cfg.n_heads,
-                    with_classifier=cfg.cls_weight > 0, cls_design=cfg.cls_design).to(device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
-    return device, tok, policy, gen, np.random.default_rng(cfg.seed)
-
-
 def group_instances(cfg: Config, rng) -> tuple[np.ndarray | None, np.ndarray]:
     """K tasks, each played G times: (tasks, seeds) for the K*G envs. Our envs take the task as an option
     and give each member its own noise; any other env is reset from a seed alone, shared by the group."""
@@ -789,9 +681,126 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
 
 
 # =============================================================================================
-# Plumbing. Nothing below this ruler is the method: validation, the run's state, logging and
-# checkpoints, Ctrl-C, memory, plots and the command line. A reader of the paper can stop here.
+# Plumbing. Nothing below this ruler is the method: errors, observations to tokens, the envs,
+# validation, the run's state, logging and checkpoints, Ctrl-C, memory, plots and the command line.
+# A reader of the paper can stop here.
 # =============================================================================================
+
+# -- errors, and what a row of metrics.jsonl holds --------------------------------------------------
+
+class TrainingError(Exception):
+    """A run cannot go on; main() prints the message as one line and exits 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the run saved a checkpoint and stops; main() exits 130."""
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png",
+             "probe_heatmap.png")
+ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "success_rate",
+            "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob", "probe_flawed_probs",
+            "probe_control_probs", "grad_cos_twin", "grad_cos_twin_each", "embed_cos_good_bad",
+            "embed_cos_each", "probe_action_probs", "adv_flawed_mean", "adv_good_mean", "zero_std_frac",
+            "pg_loss", "cls_loss", "kl", "entropy", "clip_frac", "cls_acc", "cls_oracle_acc",
+            "cls_labelled_frac", "eval_return", "ood_eval_return", "update_samples", "opt_steps", "rss_mib",
+            "peak_rss_mib", "time_rollout_s", "time_update_s", "time_eval_s", "time_diag_s")
+
+
+# -- observations to tokens: the vocabulary comes from what the env declares, never from data ----------
+
+class Tokenizer:
+    """Maps an observation to (L,) token ids. Token 0 is padding, token 1 is <s>, read out by the policy.
+
+    Our envs declare `vocab` (and Kitchen `max_words`); for any other env the vocabulary is read off the
+    observation space: Discrete -> one token, MultiDiscrete or a small integer Box -> one token per
+    cell, Text -> one token per character.
+    """
+
+    def __init__(self, env: gym.Env):
+        base, space = env.unwrapped, env.observation_space
+        if not isinstance(env.action_space, gym.spaces.Discrete):
+            raise ValueError(f"the action space must be Discrete, got {env.action_space}")
+        default_names = [f"action{i}" for i in range(env.action_space.n)]
+        self.action_names = list(getattr(base, "action_names", default_names))
+        vocab = getattr(base, "vocab", None)
+        if isinstance(space, gym.spaces.Text):
+            self.kind = "words" if vocab else "chars"
+            vocab = vocab or sorted(space.character_set)
+            self.seq_len = 1 + (base.max_words if self.kind == "words" else space.max_length)
+        elif isinstance(space, gym.spaces.Discrete):
+            self.kind, self.low, self.seq_len = "cells", int(space.start), 2
+            vocab = vocab or [f"obs{i}" for i in range(space.n)]
+        elif isinstance(space, gym.spaces.MultiDiscrete) or is_small_int_box(space):
+            low = space.low if isinstance(space, gym.spaces.Box) else np.zeros(space.shape, np.int64)
+            high = space.high if isinstance(space, gym.spaces.Box) else space.nvec - 1
+            self.kind, self.low, self.seq_len = "cells", low.astype(np.int64), 1 + int(np.prod(space.shape))
+            vocab = vocab or [f"v{i}" for i in range(int((high - low).max()) + 1)]
+        else:
+            raise ValueError(f"unsupported observation space {space}; supported: Discrete, MultiDiscrete, "
+                             f"Box with small integer bounds, Text")
+        self.words = ["<pad>", "<s>"] + list(vocab)
+        self.words += sorted({w for a in self.action_names for w in a.split()} - set(self.words))
+        self.index = {w: i for i, w in enumerate(self.words)}
+        # (A, k) the words of each action's name, padded with 0: actions share word embeddings
+        k = max(len(a.split()) for a in self.action_names)
+        self.action_tokens = np.zeros((len(self.action_names), k), dtype=np.int64)
+        for i, name in enumerate(self.action_names):
+            ids = [self.index[w] for w in name.split()]
+            self.action_tokens[i, : len(ids)] = ids
+
+    def encode(self, obs) -> np.ndarray:
+        ids = np.zeros(self.seq_len, dtype=np.int64)  # (L,)
+        ids[0] = 1
+        if self.kind == "cells":  # cell value v -> word 2 + v - low
+            ids[1:] = (np.asarray(obs) - self.low).reshape(-1) + 2
+            return ids
+        units = obs.split() if self.kind == "words" else list(obs)
+        if len(units) > self.seq_len - 1:
+            raise ValueError(f"observation has {len(units)} {self.kind}, more than the {self.seq_len - 1} "
+                             f"declared")
+        ids[1: 1 + len(units)] = [self.index[u] for u in units]
+        return ids
+
+
+def is_small_int_box(space) -> bool:
+    """A Box whose bounds are finite integers at most 256 apart: each cell is then one token."""
+    return (isinstance(space, gym.spaces.Box)
+            and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))
+            and np.all(space.low == np.round(space.low)) and np.all(space.high == np.round(space.high))
+            and float((space.high - space.low).max()) <= 256)
+
+
+# -- the envs and the run's objects -----------------------------------------------------------------
+
+def is_ours(cfg: Config) -> bool:
+    """Our envs take options={"task": k} and split=; any other env is reset from a seed alone."""
+    return cfg.env.startswith("grpo_cls/")
+
+
+def make_envs(cfg: Config, n: int, split: str = "train") -> list[gym.Env]:
+    """n copies of the env. Only our envs have a held-out family; others get [] for split='heldout'."""
+    kwargs = json.loads(cfg.env_kwargs) | ({"split": split} if is_ours(cfg) else {})
+    if split != "train" and not is_ours(cfg):
+        return []
+    return [gym.make(cfg.env, **kwargs) for _ in range(n)]
+
+
+def build(cfg: Config):
+    """Seeded RNGs, the device, the tokenizer and the policy, from the config alone."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(pick_device(cfg.device))
+    try:
+        tok = Tokenizer(make_envs(cfg, 1)[0])
+    except ValueError as e:
+        raise TrainingError(f"--env {cfg.env}: {e}")
+    policy = Policy(len(tok.words), tok.seq_len, tok.action_tokens, cfg.d_model, cfg.n_layers, cfg.n_heads,
+                    with_classifier=cfg.cls_weight > 0, cls_design=cfg.cls_design).to(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    return device, tok, policy, gen, np.random.default_rng(cfg.seed)
+
 
 def check_config(cfg: Config):
     """Config.__post_init__: resolve the env alias and the run folder, and refuse bad input in one line."""

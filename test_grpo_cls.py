@@ -915,7 +915,7 @@ def test_unmasked_kitchen_lets_the_policy_waste_steps_on_inadmissible_commands(t
 
 
 def test_claims_mechanism_classification_alone_never_moves_the_policy_head_and_the_gradient_alone_never_the_classifier():
-    r = claims.mechanism("text", epochs=1)
+    r = claims.mechanism("text", epochs=1, d_model=32, sft_steps=50, threads=1)  # small: the checks are exact
     assert "policy_head.weight" not in r["classification alone"]["moved"]
     assert "pair_m.weight" in r["classification alone"]["moved"]  # phi, which the policy logit reads, moves
     assert not {"cls_head.weight", "cls_head.bias"} & r["policy gradient alone"]["moved"]

@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims compare matrix matrix-stage2 matrix-cure matrix-lambda clean
+.PHONY: run test figures bench claims compare matrix matrix-stage2 matrix-cure matrix-lambda reference clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,9 @@ matrix-cure: $(STAMP)  ## the decisive matrix (results/PROTOCOL.md): loop labels
 
 matrix-lambda: $(STAMP)  ## its sensitivity check: shaping at lambda 0.2, Kitchen
 	$(PY) compare.py $(CURE) --tasks text --name lambda --arms plain,cls-oracle,shape-oracle,shape-oracle-lambda0.2
+
+REF := runs/reference-text-plain-seed1
+reference: $(STAMP)  ## the stored plain-GRPO run that make run is set beside (results/reference, vs_plain.png)
+	$(PY) grpo_cls.py --cls-weight 0 --baseline none --no-plots --quiet --overwrite --out $(REF)
+	mkdir -p results/reference/text-plain-seed1
+	cp $(REF)/config.json $(REF)/metrics.jsonl $(REF)/summary.json results/reference/text-plain-seed1/

@@ -135,6 +135,9 @@ class Config:
                       "config)")
     quiet: bool = arg(False, "no progress bar or summary")
     no_plots: bool = arg(False, "skip the PNGs at the end of the run (make compare's many short runs)")
+    baseline: str = arg("auto", "a stored plain-GRPO run folder to set beside this run in the summary "
+                        "and vs_plain.png; auto: results/reference/<env>-plain-seed<seed> when its config "
+                        "is this run's but for the classifier; none: off")
 
     def __post_init__(self):
         check_config(self)  # resolves the env alias and the run folder; one-line errors (below the ruler)
@@ -697,7 +700,7 @@ class Interrupted(Exception):
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png",
-             "probe_heatmap.png")
+             "probe_heatmap.png", "vs_plain.png")
 ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "success_rate",
             "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob", "probe_flawed_probs",
             "probe_control_probs", "grad_cos_twin", "grad_cos_twin_each", "embed_cos_good_bad",
@@ -1045,9 +1048,10 @@ class RunLog:
         stopped = stop.requested and metrics[-1]["iter"] < cfg.iters
         if self.saved != metrics[-1]["iter"]:
             self.checkpoint()
-        summary = summarize(metrics, cfg, write=not stopped)
+        baseline = load_baseline(cfg, metrics)
+        summary = summarize(metrics, cfg, write=not stopped, baseline=baseline)
         if not cfg.no_plots:
-            plot_run(metrics, cfg.out)
+            plot_run(metrics, cfg.out, baseline)
         if stopped:
             raise Interrupted(f"interrupted after iteration {metrics[-1]['iter']}; resume with: "
                               f"python grpo_cls.py --resume {cfg.out}")
@@ -1166,7 +1170,40 @@ def restore(ckpt: dict, run: RunState) -> list[dict]:
     return list(ckpt["metrics"])
 
 
-def summarize(metrics: list[dict], cfg: Config, write: bool = True) -> dict:
+HERE = os.path.dirname(os.path.abspath(__file__))
+NOT_COMPARED = ("cls_weight", "cls_labels", "cls_design", "out", "overwrite", "resume", "quiet",
+                "no_plots", "baseline", "device", "threads")  # where a baseline may differ from its run
+
+
+def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | None:
+    """The stored plain-GRPO run to set beside this classifier run: (its folder, its metrics rows), or None.
+    Its config must be this run's but for NOT_COMPARED, and its iteration 0 this run's (the same cold
+    start). An explicit --baseline that fails either check gets a one-line note; 'auto' stays silent."""
+    if cfg.baseline == "none" or cfg.cls_weight == 0 or not metrics:
+        return None
+    short = {v: k for k, v in ENV_ALIASES.items()}.get(cfg.env, cfg.env.replace("/", "_"))
+    path = (cfg.baseline if cfg.baseline != "auto"
+            else os.path.join(HERE, "results", "reference", f"{short}-plain-seed{cfg.seed}"))
+    try:
+        saved = json.load(open(os.path.join(path, "config.json")))
+        rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+    except (OSError, ValueError):
+        why = "has no readable config.json and metrics.jsonl"
+    else:
+        mine = dataclasses.asdict(cfg)
+        differ = [k for k in mine if k not in NOT_COMPARED and saved.get(k) != mine[k]]
+        same_start = all(rows[0].get(k) == metrics[0].get(k) for k in ("success_rate", "flawed_rate",
+                                                                      "probe_flawed_prob"))
+        if not differ and same_start and saved.get("cls_weight") == 0:
+            return path, rows
+        why = (f"differs in {', '.join(differ)}" if differ else "is not plain GRPO" if saved.get("cls_weight")
+               else "starts from another cold start")
+    if cfg.baseline != "auto":
+        print(f"note: --baseline {path} {why}; not shown", file=sys.stderr)
+    return None
+
+
+def summarize(metrics: list[dict], cfg: Config, write: bool = True, baseline=None) -> dict:
     last_eval = next((m for m in reversed(metrics) if m.get("eval_return") is not None), {})
     keys = ("success_rate", "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
             "grad_cos_twin", "embed_cos_good_bad", "eval_return")
@@ -1176,6 +1213,10 @@ def summarize(metrics: list[dict], cfg: Config, write: bool = True) -> dict:
     summary |= {"iters": last.get("iter", 0), "env_steps": last.get("env_steps", 0),
                 "wall_s": last.get("wall_s", 0)}
     summary |= {k: last_eval.get(k) for k in keys}
+    if baseline is not None:  # the same keys, from the stored plain-GRPO run at the same iteration
+        path, rows = baseline
+        same_it = next((r for r in rows if r["iter"] == last_eval.get("iter")), {})
+        summary |= {"baseline": path} | {f"baseline_{k}": same_it.get(k) for k in keys}
     if write:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -1186,7 +1227,7 @@ def summarize(metrics: list[dict], cfg: Config, write: bool = True) -> dict:
 # Plots
 # ---------------------------------------------------------------------------------------------
 
-def plot_run(metrics: list[dict], out: str):
+def plot_run(metrics: list[dict], out: str, baseline=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1221,6 +1262,25 @@ def plot_run(metrics: list[dict], out: str):
         fig.savefig(os.path.join(out, title.split()[-1]), dpi=110)
         plt.close(fig)
     plot_probe_heatmap(metrics, out, plt)
+    if baseline is not None:
+        plot_vs_plain(metrics, baseline[1], out, plt)
+
+
+def plot_vs_plain(metrics: list[dict], plain: list[dict], out: str, plt):
+    """vs_plain.png: this run's flawed-action rate and pi(flawed | flawed twin) beside the stored
+    plain-GRPO run's, both from the same cold start."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, name in zip(axes, ("train_flawed_rate", "probe_flawed_prob"),
+                             ("training flawed-action rate", "pi(flawed action | flawed twin)")):
+        for rows, label, style in ((plain, "plain GRPO (stored run)", "--"), (metrics, "this run", "-")):
+            pts = [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
+            ax.plot(*zip(*pts), style, label=label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "vs_plain.png"), dpi=110)
+    plt.close(fig)
 
 
 def plot_probe_heatmap(metrics: list[dict], out: str, plt):
@@ -1340,6 +1400,11 @@ def print_summary(s: dict, cfg: Config):
     print(f"  eval return   {f(s['initial_eval_return'])} -> {f(s['eval_return'])}")
     print(f"  twin probes   pi(flawed) {f(s['probe_flawed_prob'])}   grad cos {f(s['grad_cos_twin'])}   "
           f"embed cos {f(s['embed_cos_good_bad'])}")
+    if s.get("baseline"):
+        print(f"  plain GRPO    flawed rate {f(s['baseline_flawed_rate'])}   pi(flawed) at the twins "
+              f"{f(s['baseline_probe_flawed_prob'])}   success {f(s['baseline_success_rate'])}")
+        print(f"                (the stored run {os.path.relpath(s['baseline'])}, from the same cold start; "
+              f"vs_plain.png)")
     print(f"  run folder    {cfg.out}  (curves.png, coupling.png, metrics.jsonl, episode_*.txt)")
 
 if __name__ == "__main__":

@@ -993,3 +993,19 @@ def test_train_gives_grpo_the_shaped_reward_so_groups_whose_outcomes_tie_get_an_
     assert torch.allclose(A, g.group_advantages(R.view(8, 8)).view(-1)[batch["traj"]])
     tied = g.shaping_steps(batch, G=8)
     assert len(tied) and (A[tied] != 0).any()  # plain GRPO gives these steps A = 0
+
+
+def test_a_classifier_run_is_set_beside_a_stored_plain_run_from_the_same_cold_start(tmp_path, capsys):
+    """--baseline: the summary carries the plain run's final numbers and vs_plain.png is drawn, only when
+    the stored run is this config but for the classifier, and shares its iteration 0."""
+    args = TINY_ARGS  # a later --cls-weight overrides its 0.5
+    g.main(args + ["--cls-weight", "0", "--out", str(tmp_path / "plain"), "--baseline", "none"])
+    plain = json.load(open(tmp_path / "plain" / "summary.json"))
+    g.main(args + ["--cls-weight", "0.5", "--out", str(tmp_path / "cls"), "--baseline", str(tmp_path / "plain")])
+    s = json.load(open(tmp_path / "cls" / "summary.json"))
+    assert s["baseline_flawed_rate"] == plain["flawed_rate"] and s["baseline_success_rate"] == plain["success_rate"]
+    assert (tmp_path / "cls" / "vs_plain.png").exists()
+    g.main(args + ["--cls-weight", "0.5", "--seed", "2", "--out", str(tmp_path / "other"),
+                   "--baseline", str(tmp_path / "plain")])
+    assert "differs in seed" in capsys.readouterr().err
+    assert "baseline" not in json.load(open(tmp_path / "other" / "summary.json"))

@@ -41,7 +41,7 @@ matrix: $(STAMP)  ## the pre-registered matrix of results/PROTOCOL.md (claims 3b
 matrix-stage2: $(STAMP)  ## stage 2 of the pre-registered matrix (weights, separate design), reusing stage 1
 	$(PY) compare.py --iters 100 --seeds 7101-7108 --coupling-seeds 7109,7110 --name fair
 
-CURE := --iters 100 --seeds 7101-7108 --runs runs/compare-fair --no-stage2
+CURE := --iters 100 --seeds 7101-7108 --runs runs/compare-fair --no-stage2 --doc-file docs/cure.md
 matrix-cure: $(STAMP)  ## the decisive matrix (results/PROTOCOL.md): loop labels, the shaping control, no mask
 	$(PY) compare.py $(CURE) --tasks text,grid,text-nomask --name cure \
 		--arms plain,cls-advantage,cls-loop,cls-oracle,shape-loop,shape-oracle

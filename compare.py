@@ -556,7 +556,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results", help="folder for compare.md and the figures")
     p.add_argument("--doc-block", default="", help="markers in docs/claim4.md to write the report between "
                    "(default: the --name, or 'compare' for the default matrix)")
-    p.add_argument("--no-doc", action="store_true", help="do not rewrite any block of docs/claim4.md")
+    p.add_argument("--doc-file", default="docs/claim4.md", help="the doc whose --doc-block markers get the report")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite any block of a doc")
     p.add_argument("--recheck", nargs=2, metavar=("RUN", "INIT"), help="only train the stored run folder RUN "
                    "again from the cold start in INIT, and say whether every metric matches (before reusing it)")
     args = p.parse_args(argv)
@@ -696,7 +697,7 @@ def main(argv=None):
     with open(os.path.join(args.out, f"compare{suffix}.md"), "w") as f:
         f.write("# Claims 3b and 4: coupling over training, and the classifier arms\n\n" + block + "\n")
     if not args.no_doc:
-        update_doc(block, marker=args.doc_block)
+        update_doc(block, marker=args.doc_block, path=args.doc_file)
     print(block)
 
 

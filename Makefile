@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims compare matrix matrix-stage2 matrix-cure matrix-lambda reference clean
+.PHONY: run test figures bench claims compare matrix matrix-stage2 recheck matrix-cure matrix-lambda reference clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,12 @@ matrix-stage2: $(STAMP)  ## stage 2 of the pre-registered matrix (weights, separ
 	$(PY) compare.py --iters 100 --seeds 7101-7108 --coupling-seeds 7109,7110 --name fair
 
 CURE := --iters 100 --seeds 7101-7108 --runs runs/compare-fair --no-stage2 --doc-file docs/cure.md
-matrix-cure: $(STAMP)  ## the decisive matrix (results/PROTOCOL.md): loop labels, the shaping control, no mask
+RECHECK := runs/compare-fair/text-plain-seed7101 runs/compare-fair/init/text-seed7101
+RECHECK2 := runs/compare-fair/grid-cls-oracle-seed7101 runs/compare-fair/init/grid-seed7101
+recheck: $(STAMP)  ## re-train two stored runs of make matrix; they must match before matrix-cure reuses them
+	$(PY) compare.py --recheck $(RECHECK) && $(PY) compare.py --recheck $(RECHECK2)
+
+matrix-cure: recheck  ## the decisive matrix (results/PROTOCOL.md): loop labels, the shaping control, no mask
 	$(PY) compare.py $(CURE) --tasks text,grid,text-nomask --name cure \
 		--arms plain,cls-advantage,cls-loop,cls-oracle,shape-loop,shape-oracle
 

@@ -835,6 +835,9 @@ def check_config(cfg: Config):
         raise ValueError(f"--gamma must be in [0, 1], got {cfg.gamma}")
     if cfg.sft_noise > 1 or cfg.sft_steps < 0:
         raise ValueError("--sft-noise must be in [0, 1] and --sft-steps >= 0")
+    if cfg.shaping != "none" and cfg.cls_weight > 0:
+        raise ValueError("--shaping is the classifier's control: use it with --cls-weight 0 (one channel "
+                         "at a time)")
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"--d-model ({cfg.d_model}) must be divisible by --n-heads ({cfg.n_heads})")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -1187,7 +1190,8 @@ def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | 
     try:
         saved = json.load(open(os.path.join(path, "config.json")))
         rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
-    except (OSError, ValueError):
+        rows[0]
+    except (OSError, ValueError, IndexError):
         why = "has no readable config.json and metrics.jsonl"
     else:
         mine = dataclasses.asdict(cfg)

@@ -359,11 +359,12 @@ def cli(*args, timeout=120):
 @pytest.mark.parametrize("args, says", [
     (["--env", "nope"], "--env"), (["--num-generations", "1"], "--num-generations"), (["--lr", "-1"], "--lr"),
     (["--cls-weight", "nan"], "--cls-weight"), (["--scale-rewards", "std"], "--scale-rewards"),
-    (["--iters", "x"], "--iters")])
-def test_bad_arguments_exit_2_with_one_line_and_no_traceback(args, says):
-    r = cli(*args)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, r.stderr
+    (["--iters", "x"], "--iters"), (["--shaping", "loop", "--cls-weight", "0.5"], "--shaping")])
+def test_bad_arguments_exit_2_with_one_line_and_no_traceback(args, says, capsys):
+    with pytest.raises(SystemExit) as stop:  # any other exception fails the test: it would be a traceback
+        g.main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
 
 
 def test_help_documents_every_config_field():
@@ -956,9 +957,10 @@ def shaping_batch():
 
 def test_fair_update_shaping_keeps_plain_grpos_samples_and_step_count_and_adds_the_tied_groups():
     cfg, device, batch = shaping_batch()
+    cfg = dataclasses.replace(cfg, num_iterations=2)  # two epochs: the policy stream's generator is drawn twice
     informative, shaped_only = g.informative_steps(batch, G=8), g.shaping_steps(batch, G=8)
     assert len(informative) > cfg.minibatch_size and len(shaped_only) > 0  # several minibatches, and a side stream
-    out, params = {}, {}
+    out, params, gen_after = {}, {}, {}
     for name, reward, arm in (("plain", batch["reward"], dataclasses.replace(cfg, shaping="none")),
                               ("shaping", batch["shaped_reward"], cfg),
                               ("lambda 0", batch["reward"], dataclasses.replace(cfg, shaping_lambda=0.0))):
@@ -966,10 +968,12 @@ def test_fair_update_shaping_keeps_plain_grpos_samples_and_step_count_and_adds_t
         A = g.group_advantages(torch.as_tensor(reward, dtype=torch.float32).view(8, 8)).view(-1)[b["traj"]]
         _, _, policy, gen, _ = g.build(cfg)
         out[name] = g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), arm, b, A, None, gen, device)
-        params[name] = [p.detach().clone() for p in policy.parameters()]
-    assert out["shaping"]["opt_steps"] == out["plain"]["opt_steps"] == math.ceil(len(informative) / cfg.minibatch_size)
-    assert out["plain"]["update_samples"] == len(informative)
-    assert out["shaping"]["update_samples"] == len(informative) + len(shaped_only)
+        params[name], gen_after[name] = [p.detach().clone() for p in policy.parameters()], gen.get_state()
+    steps = 2 * math.ceil(len(informative) / cfg.minibatch_size)
+    assert out["shaping"]["opt_steps"] == out["plain"]["opt_steps"] == steps
+    assert out["plain"]["update_samples"] == 2 * len(informative)
+    assert out["shaping"]["update_samples"] == 2 * (len(informative) + len(shaped_only))
+    assert torch.equal(gen_after["shaping"], gen_after["plain"])  # the side stream never draws from gen
     assert all(torch.equal(p, q) for p, q in zip(params["lambda 0"], params["plain"]))  # lambda 0 is plain GRPO
     assert not all(torch.equal(p, q) for p, q in zip(params["shaping"], params["plain"]))
     # the side stream is trained on: with an advantage on the shaped-only steps alone, the policy moves
@@ -981,14 +985,22 @@ def test_fair_update_shaping_keeps_plain_grpos_samples_and_step_count_and_adds_t
     assert not all(torch.equal(p, q) for p, q in zip(policy.parameters(), before))
 
 
-def test_train_gives_grpo_the_shaped_reward_so_groups_whose_outcomes_tie_get_an_advantage(tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["oracle", "loop"])
+def test_train_gives_grpo_the_shaped_reward_so_groups_whose_outcomes_tie_get_an_advantage(tmp_path, monkeypatch,
+                                                                                         source):
     seen = []
     real = g.grpo_update
     monkeypatch.setattr(g, "grpo_update", lambda *a, **k: seen.append((a[4], a[5])) or real(*a, **k))
     g.train(tiny(out=str(tmp_path), env="grid", iters=1, tasks_per_iter=8, num_generations=8, sft_steps=0,
-                 quiet=True, no_plots=True, eval_tasks=2, shaping="oracle", shaping_lambda=0.05))
+                 quiet=True, no_plots=True, eval_tasks=2, shaping=source, shaping_lambda=0.05))
     batch, A = seen[0]
-    R = torch.as_tensor(batch["reward"] - 0.05 * np.bincount(batch["traj"], weights=batch["flawed"], minlength=64),
+    if source == "oracle":
+        bad = batch["flawed"]
+    else:  # the rollout kept what the agent saw, so the loop labels are real ones, not a length penalty
+        assert None not in batch["key"] and None not in batch["next_key"]
+        bad = g.loop_labels(batch["traj"], batch["key"], batch["next_key"], batch["success"])[0]
+        assert 0 < bad.mean() < 1
+    R = torch.as_tensor(batch["reward"] - 0.05 * np.bincount(batch["traj"], weights=bad, minlength=64),
                         dtype=torch.float32)
     assert torch.allclose(A, g.group_advantages(R.view(8, 8)).view(-1)[batch["traj"]])
     tied = g.shaping_steps(batch, G=8)
@@ -1009,3 +1021,10 @@ def test_a_classifier_run_is_set_beside_a_stored_plain_run_from_the_same_cold_st
                    "--baseline", str(tmp_path / "plain")])
     assert "differs in seed" in capsys.readouterr().err
     assert "baseline" not in json.load(open(tmp_path / "other" / "summary.json"))
+    g.main(args + ["--cls-weight", "0.5", "--out", str(tmp_path / "cls2"), "--baseline", str(tmp_path / "cls")])
+    assert "is not plain GRPO" in capsys.readouterr().err  # a classifier run is no baseline
+    rows = (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
+    first = json.loads(rows[0]) | {"flawed_rate": 0.5}  # as if plain GRPO had started from another cold start
+    (tmp_path / "plain" / "metrics.jsonl").write_text("\n".join([json.dumps(first)] + rows[1:]))
+    g.main(args + ["--cls-weight", "0.5", "--out", str(tmp_path / "cls3"), "--baseline", str(tmp_path / "plain")])
+    assert "another cold start" in capsys.readouterr().err

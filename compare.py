@@ -497,6 +497,9 @@ def recheck(run: str, init: str) -> int:
     """Train a stored run again from its cold start, with this code, in a temporary folder, and compare
     every metrics.jsonl field but the clocks and memory. 0 if all match (the run can be reused)."""
     import tempfile
+    if not os.path.isfile(os.path.join(run, "metrics.jsonl")):  # a fresh machine: nothing will be reused
+        print(f"{run}: no stored run, nothing to check")
+        return 0
     saved = json.load(open(os.path.join(run, "config.json")))
     names = {f.name for f in dataclasses.fields(g.Config)}
     with tempfile.TemporaryDirectory() as tmp:

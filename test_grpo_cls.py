@@ -772,20 +772,29 @@ def train_from(init: str, cfg):
     return g.load_checkpoint(cfg.out)["model"], rows
 
 
+FAIR = dict(env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, iters=3, quiet=True)  # groups differ
+
+
+@pytest.fixture(scope="module")
+def fair_plain(tmp_path_factory):
+    """A shared cold start of the FAIR config and plain GRPO trained from it, made once for every arm."""
+    root = tmp_path_factory.mktemp("fair")
+    compare.cold_start_checkpoint(tiny(out=str(root / "init"), **FAIR))
+    return (str(root / "init"), *train_from(str(root / "init"), tiny(out=str(root / "plain"), **FAIR)))
+
+
 @pytest.mark.parametrize("arm", [{"cls_labels": "advantage"}, {"cls_labels": "oracle"}, {"cls_labels": "step"},
                                  {"cls_labels": "oracle", "cls_design": "separate"}])
 def test_fair_update_a_classifier_weighted_zero_trains_the_policy_bit_for_bit_as_plain_grpo(tmp_path, monkeypatch,
-                                                                                            arm):
+                                                                                            arm, fair_plain):
     """The classifier is built, labelled and in the loss, but its term is multiplied by 0: the policy's
     parameters and every policy metric must then equal plain GRPO's exactly. A sample rule, a mean or a
     step count that depended on the labels would break it (the arm would see other minibatches)."""
-    common = dict(env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, iters=3, quiet=True)
-    compare.cold_start_checkpoint(tiny(out=str(tmp_path / "init"), **common))
-    plain_params, plain_rows = train_from(str(tmp_path / "init"), tiny(out=str(tmp_path / "plain"), **common))
+    init, plain_params, plain_rows = fair_plain
     real = g.classification_loss
     monkeypatch.setattr(g, "classification_loss", lambda c, y, labelled: 0.0 * real(c, y, labelled))
-    arm_cfg = tiny(out=str(tmp_path / "arm"), cls_weight=0.5, **common, **arm)
-    arm_params, arm_rows = train_from(str(tmp_path / "init"), arm_cfg)
+    arm_cfg = tiny(out=str(tmp_path / "arm"), cls_weight=0.5, **FAIR, **arm)
+    arm_params, arm_rows = train_from(init, arm_cfg)
     for name, value in plain_params.items():
         assert torch.equal(arm_params[name], value), name
     for p_row, a_row in zip(plain_rows, arm_rows, strict=True):

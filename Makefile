@@ -16,8 +16,8 @@ $(STAMP): requirements.txt
 run: $(STAMP)  ## the main job: GRPO + classifier on the text task
 	$(PY) grpo_cls.py --cls-weight 0.5 --overwrite
 
-test: $(STAMP)  ## the whole test suite
-	$(PY) -m pytest -q test_grpo_cls.py
+test: $(STAMP)  ## the whole test suite, on two single-thread workers (every test trains with one thread)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 test_grpo_cls.py
 
 figures: run  ## refresh the README's figures from the main run
 	mkdir -p docs

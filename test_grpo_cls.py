@@ -25,6 +25,14 @@ ENV_IDS = ["grpo_cls/LavaGrid-v0", "grpo_cls/Kitchen-v0"]
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread_per_worker():
+    """make test runs two single-thread workers on two cores; a test that took a second thread would
+    slow both workers many times over."""
+    yield
+    assert torch.get_num_threads() == 1, "this test left torch with more than one thread"
+
+
 # ---------------------------------------------------------------------------------------------
 # The loss math, checked exactly
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +344,7 @@ def test_classifier_is_built_only_when_its_weight_is_positive():
 
 def test_short_training_run_raises_success_above_the_cold_start(tmp_path):
     """20 GRPO iterations must lift in-domain success well above where the cold start left it."""
-    cfg = g.Config(env="text", iters=20, eval_every=20, eval_tasks=64, threads=2, quiet=True,
+    cfg = g.Config(env="text", iters=20, eval_every=20, eval_tasks=64, threads=1, quiet=True,
                    out=str(tmp_path / "run"), seed=0)
     summary = g.train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -1037,3 +1045,15 @@ def test_a_classifier_run_is_set_beside_a_stored_plain_run_from_the_same_cold_st
     (tmp_path / "plain" / "metrics.jsonl").write_text("\n".join([json.dumps(first)] + rows[1:]))
     g.main(args + ["--cls-weight", "0.5", "--out", str(tmp_path / "cls3"), "--baseline", str(tmp_path / "plain")])
     assert "another cold start" in capsys.readouterr().err
+
+
+def test_compare_reuses_a_finished_run_only_when_every_field_that_can_change_it_matches(tmp_path):
+    fields = dataclasses.asdict(compare.arm_config("text", 7, {}, 3, str(tmp_path)))
+    (tmp_path / "config.json").write_text(json.dumps(fields | {"cls_labels": "step", "threads": 2}))
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"iter": 3}))
+    assert compare.is_done(fields)  # a plain run has no labels to differ in; threads do not change a result
+    assert not compare.is_done(fields | {"seed": 8})
+    assert not compare.is_done(fields | {"cls_weight": 0.5, "cls_labels": "step"})  # the saved run is plain
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"iter": 2}))
+    assert not compare.is_done(fields)  # stopped before its last iteration

@@ -21,7 +21,8 @@ test: $(STAMP)  ## the whole test suite, on two single-thread workers (every tes
 
 figures: run  ## refresh the README's figures from the main run
 	mkdir -p docs
-	cp runs/text-cls0.5-seed1/curves.png runs/text-cls0.5-seed1/coupling.png runs/text-cls0.5-seed1/probe_heatmap.png docs/
+	cp runs/text-cls0.5-seed1/curves.png runs/text-cls0.5-seed1/coupling.png runs/text-cls0.5-seed1/probe_heatmap.png \
+		runs/text-cls0.5-seed1/vs_plain.png docs/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache __pycache__

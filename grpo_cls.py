@@ -22,9 +22,9 @@ The method reads top to bottom down to the ruler "Plumbing"; below it is bookkee
 Deviations from the paper (see the README for the reasons):
   1. The actor is a 2-layer transformer, not an LLM; GCD's *generated* verdict becomes a linear
      classifier head on the same (state, action) embedding that the policy's logit reads.
-  2. Labels for the classifier come from the advantage sign (default), the env's oracle, step-level
-     anchors (states that recur within a group), or loops in what the agent sees; the paper does not
-     pin its label source down.
+  2. Labels for the classifier come from the env's oracle (default: an upper bound a real agent lacks),
+     the advantage sign, step-level anchors (states that recur within a group), or loops in what the
+     agent sees; the paper does not pin its label source down.
      `--cls-design separate` (the action as an input token, as an LLM judge reads it) is the ablation.
   3. The cold start is behaviour cloning on a noisy scripted agent; the prompt-based correction is omitted.
   4. pg_loss and kl average over the steps of groups whose rewards differ (a tied group has A = 0); the
@@ -82,7 +82,7 @@ class Config:
     env: str = arg("text", "task: 'grid', 'text', or any registered gymnasium id")
     env_kwargs: str = arg("{}", "JSON object of keyword arguments for gymnasium.make")
     seed: int = arg(1, "seed for torch, task sampling, env noise and action sampling")
-    iters: int = arg(100, "GRPO iterations (rollout + update)")
+    iters: int = arg(50, "GRPO iterations (rollout + update)")
     tasks_per_iter: int = arg(16, "task instances per iteration; each is run G times")
     num_generations: int = arg(8, "G, trajectories per task (the group)")
     lr: float = arg(1e-3, "Adam learning rate")
@@ -104,10 +104,11 @@ class Config:
                        "(GiGPO's 0.95)")
     cls_weight: float = arg(0.0, "weight of the good/bad classification loss (0 = plain GRPO, no classifier "
                             "built)")
-    cls_labels: str = arg("advantage", "classifier labels: sign of the trajectory advantage, the env's "
-                          "oracle flag, step-level labels from states that recur within a group, or loops "
-                          "in what the agent sees (no progress bad, the loop-erased path of a success good)",
-                          CLS_LABELS)
+    cls_labels: str = arg("oracle", "classifier labels: the env's oracle flag (an upper bound a real agent "
+                          "lacks; the default, as no agent-available source passed docs/cure.md), the sign of "
+                          "the trajectory advantage, step-level labels from states that recur within a group, "
+                          "or loops in what the agent sees (no progress bad, the loop-erased path of a "
+                          "success good)", CLS_LABELS)
     cls_design: str = arg("shared", "classifier: a head on the policy's own pair embedding phi(s, a) "
                           "(shared), or a second pass through the trunk with the action as an extra input "
                           "token (separate)", CLS_DESIGNS)
@@ -849,7 +850,8 @@ def check_config(cfg: Config):
 
 def check_label_source(cfg: Config, env: gym.Env):
     if cfg.cls_labels == "oracle" and cfg.cls_weight > 0 and "flawed" not in env.reset(seed=0)[1]:
-        raise TrainingError(f"--cls-labels oracle needs info['flawed'], which {cfg.env} does not give")
+        raise TrainingError(f"--cls-labels oracle (the default) needs info['flawed'], which {cfg.env} does "
+                            f"not give; choose --cls-labels advantage, step or loop")
     if cfg.shaping == "oracle" and "flawed" not in env.reset(seed=0)[1]:
         raise TrainingError(f"--shaping oracle needs info['flawed'], which {cfg.env} does not give")
 
@@ -1395,8 +1397,11 @@ def main(argv=None):
 
 def print_summary(s: dict, cfg: Config):
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"{cfg.env} | cls_weight {cfg.cls_weight:g} ({cfg.cls_labels} labels) | seed {cfg.seed} | "
-          f"{s['iters']} iters, {s['env_steps']} env steps, {s['wall_s']:.0f} s")
+    if cfg.cls_weight > 0 and cfg.cls_labels == "oracle":
+        print("oracle labels: the env's own flaw flag, an upper bound a real agent lacks (docs/cure.md)")
+    arm = f"cls_weight {cfg.cls_weight:g} ({cfg.cls_labels} labels)" if cfg.cls_weight > 0 else "plain GRPO"
+    print(f"{cfg.env} | {arm} | seed {cfg.seed} | {s['iters']} iters, {s['env_steps']} env steps, "
+          f"{s['wall_s']:.0f} s")
     print(f"  success       in-domain {f(s['initial_success_rate'])} -> {f(s['success_rate'])}   "
           f"held-out {f(s['initial_ood_success_rate'])} -> {f(s['ood_success_rate'])}")
     print(f"  flawed rate   in-domain {f(s['initial_flawed_rate'])} -> {f(s['flawed_rate'])}   "

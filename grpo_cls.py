@@ -82,7 +82,7 @@ class Config:
     env: str = arg("text", "task: 'grid', 'text', or any registered gymnasium id")
     env_kwargs: str = arg("{}", "JSON object of keyword arguments for gymnasium.make")
     seed: int = arg(1, "seed for torch, task sampling, env noise and action sampling")
-    iters: int = arg(50, "GRPO iterations (rollout + update)")
+    iters: int = arg(45, "GRPO iterations (rollout + update)")
     tasks_per_iter: int = arg(16, "task instances per iteration; each is run G times")
     num_generations: int = arg(8, "G, trajectories per task (the group)")
     lr: float = arg(1e-3, "Adam learning rate")

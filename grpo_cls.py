@@ -104,11 +104,11 @@ class Config:
                        "(GiGPO's 0.95)")
     cls_weight: float = arg(0.0, "weight of the good/bad classification loss (0 = plain GRPO, no classifier "
                             "built)")
-    cls_labels: str = arg("oracle", "classifier labels: the env's oracle flag (an upper bound a real agent "
-                          "lacks; the default, as no agent-available source passed docs/cure.md), the sign of "
-                          "the trajectory advantage, step-level labels from states that recur within a group, "
-                          "or loops in what the agent sees (no progress bad, the loop-erased path of a "
-                          "success good)", CLS_LABELS)
+    cls_labels: str = arg("oracle", "classifier labels: the env's oracle flag (an upper bound a real "
+                          "agent lacks; the default, as no agent-available source passed docs/cure.md), the "
+                          "sign of the trajectory advantage, step-level labels from states that recur within "
+                          "a group, or loops in what the agent sees (no progress bad, the loop-erased path "
+                          "of a success good)", CLS_LABELS)
     cls_design: str = arg("shared", "classifier: a head on the policy's own pair embedding phi(s, a) "
                           "(shared), or a second pass through the trunk with the action as an extra input "
                           "token (separate)", CLS_DESIGNS)
@@ -844,15 +844,20 @@ def check_config(cfg: Config):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use auto or cpu")
     if not cfg.out:
-        short = {v: k for k, v in ENV_ALIASES.items()}.get(cfg.env, cfg.env.replace("/", "_"))
-        cfg.out = f"runs/{short}-cls{cfg.cls_weight:g}-seed{cfg.seed}"
+        cfg.out = f"runs/{short_name(cfg.env)}-cls{cfg.cls_weight:g}-seed{cfg.seed}"
+
+
+def short_name(env_id: str) -> str:
+    """'text' or 'grid' for our envs, the id with '/' made '_' for any other: run and reference folders."""
+    return {v: k for k, v in ENV_ALIASES.items()}.get(env_id, env_id.replace("/", "_"))
 
 
 def check_label_source(cfg: Config, env: gym.Env):
-    if cfg.cls_labels == "oracle" and cfg.cls_weight > 0 and "flawed" not in env.reset(seed=0)[1]:
+    has_oracle = "flawed" in env.reset(seed=0)[1]
+    if cfg.cls_labels == "oracle" and cfg.cls_weight > 0 and not has_oracle:
         raise TrainingError(f"--cls-labels oracle (the default) needs info['flawed'], which {cfg.env} does "
                             f"not give; choose --cls-labels advantage, step or loop")
-    if cfg.shaping == "oracle" and "flawed" not in env.reset(seed=0)[1]:
+    if cfg.shaping == "oracle" and not has_oracle:
         raise TrainingError(f"--shaping oracle needs info['flawed'], which {cfg.env} does not give")
 
 
@@ -1186,9 +1191,8 @@ def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | 
     start). An explicit --baseline that fails either check gets a one-line note; 'auto' stays silent."""
     if cfg.baseline == "none" or cfg.cls_weight == 0 or not metrics:
         return None
-    short = {v: k for k, v in ENV_ALIASES.items()}.get(cfg.env, cfg.env.replace("/", "_"))
     path = (cfg.baseline if cfg.baseline != "auto"
-            else os.path.join(HERE, "results", "reference", f"{short}-plain-seed{cfg.seed}"))
+            else os.path.join(HERE, "results", "reference", f"{short_name(cfg.env)}-plain-seed{cfg.seed}"))
     try:
         saved = json.load(open(os.path.join(path, "config.json")))
         rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]

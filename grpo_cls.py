@@ -495,6 +495,57 @@ def classifier_verdict(policy, x, m, a):
     return policy.classify_separately(x, a)
 
 
+def total_norm(grads: list) -> torch.Tensor:
+    """The joint L2 norm of a list of gradients (None = no gradient), in float64: a fixed-order sum of the
+    tensors' squared norms. A tensor of zeros anywhere in the list adds exactly 0.0, so it cannot move the
+    norm by a bit on any CPU. (torch's clip_grad_norm_ reduces the list's norms in one vectorised call,
+    whose rounding depends on the list's length and the CPU's vector width: test_total_norm_*.)"""
+    present = [g for g in grads if g is not None]
+    total = torch.zeros((), dtype=torch.float64, device=present[0].device if present else None)
+    for g in present:
+        total = total + g.double().square().sum()
+    return total.sqrt()
+
+
+def clip_to_norm(grads: list, max_norm: float) -> tuple[list, torch.Tensor]:
+    """grads scaled by min(1, max_norm / (norm + 1e-6)), as clip_grad_norm_ scales them; returns
+    (the scaled grads, the norm before)."""
+    norm = total_norm(grads)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0).float()
+    return [None if g is None else g * scale for g in grads], norm
+
+
+def add_grads(a: list, b: list) -> list:
+    """Elementwise a + b over two gradient lists; None is no gradient."""
+    return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
+
+
+def classifier_stream(policy, cfg: Config, x, m, a, y, labelled, jdx, params: list) -> tuple:
+    """The classifier's term on its share jdx (b',) of labelled steps, in pieces of at most minibatch_size
+    samples, so that peak memory is one minibatch's however large b' grows. Returns the verdicts c (b',),
+    cls_loss (the mean over jdx, as one forward would give) and the gradient of cls_weight * cls_loss."""
+    c, cls_loss, grads = [], torch.zeros((), device=x.device), [None] * len(params)
+    for part in jdx.split(cfg.minibatch_size):                                    # (<= minibatch_size,)
+        c_part = classifier_verdict(policy, x[part], m[part], a[part])
+        part_loss = classification_loss(c_part, y[part], labelled[part]) * (len(part) / len(jdx))
+        grads = add_grads(grads, torch.autograd.grad(cfg.cls_weight * part_loss, params, allow_unused=True))
+        c.append(c_part.detach())
+        cls_loss = cls_loss + part_loss.detach()
+    return torch.cat(c), cls_loss, grads
+
+
+def clip_stats(g_pg: list, g_cls: list, norm_pg, norm_cls, max_norm: float) -> dict:
+    """What one optimizer step logs of its two gradients, before clipping: each stream's norm and whether
+    its clip acted, the classifier's norm over the policy gradient's on the parameters both reach, and the
+    factor a single clip of the sum would have put on the policy gradient, relative to its own clip."""
+    shared = [i for i, (p, c) in enumerate(zip(g_pg, g_cls)) if p is not None and c is not None]
+    own = (max_norm / (norm_pg + 1e-6)).clamp(max=1.0)
+    joint = (max_norm / (total_norm(add_grads(g_pg, g_cls)) + 1e-6)).clamp(max=1.0)
+    ratio = total_norm([g_cls[i] for i in shared]) / total_norm([g_pg[i] for i in shared])
+    return {"cls_grad_norm": norm_cls, "cls_grad_clipped": norm_cls > max_norm, "cls_pg_grad_ratio": ratio,
+            "joint_clip_pg_scale": joint / own}
+
+
 def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_gen=None) -> dict:
     """num_iterations epochs of minibatch steps on the batch. A (S,) is each step sample's advantage,
     step the step-level labels or None.
@@ -503,11 +554,14 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
     with `gen`, exactly as plain GRPO does. Side streams, drawn with their own generator `cls_gen`, are
     spread over the same optimizer steps: the classifier's labelled steps, and with --shaping the steps
     of groups that only the shaped reward separates (shaping_steps), which join the policy-gradient
-    minibatches. Neither changes the plain samples, their order or the number of steps
-    (test_fair_update_*). Returns the mean of each logged term and the counts of update_stats()."""
+    minibatches. Neither changes the plain samples, their order or the number of steps. Each stream's
+    gradient is clipped to max_grad_norm on its own and the two are summed into one Adam step, so the
+    classifier never shrinks the policy gradient through the clip (test_fair_update_*). Returns the mean
+    of each logged term and the counts of update_stats()."""
     x, m = torch.as_tensor(batch["tokens"], device=device), torch.as_tensor(batch["mask"], device=device)
     a, logp_old = (torch.as_tensor(batch[k], device=device) for k in ("action", "logp"))
     flawed = torch.as_tensor(batch["flawed"], device=device)
+    params = list(policy.parameters())
     pg_idx = torch.as_tensor(informative_steps(batch, cfg.num_generations), device=device)     # (S_pg,)
     cls_gen = cls_gen or torch.Generator(device=device).manual_seed(cfg.seed + 1)
     shaped_idx = torch.as_tensor(shaping_steps(batch, cfg.num_generations) if cfg.shaping != "none"
@@ -524,19 +578,22 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
             parts = shaped_idx[order].tensor_split(len(pg_batches))
             pg_batches = [torch.cat(p) for p in zip(pg_batches, parts)]
         cls_batches = [None] * len(pg_batches)
-        if policy.cls_design:  # the labelled steps, in as many minibatches as the policy stream has
+        if policy.cls_design:  # the labelled steps, in as many shares as the policy stream has minibatches
             order = torch.randperm(len(cls_idx), device=device, generator=cls_gen)
             cls_batches = cls_idx[order].tensor_split(len(pg_batches))
         for idx, jdx in zip(pg_batches, cls_batches):                      # (b,) and (b',) sample indices
             t = policy_terms(policy, ref, cfg, x[idx], m[idx], a[idx], logp_old[idx], A[idx])
+            g_pg = torch.autograd.grad(t["pg_loss"] + cfg.beta * t["kl"], params, allow_unused=True)
+            grads, t["grad_norm"] = clip_to_norm(g_pg, cfg.max_grad_norm)
             t["c"], t["cls_loss"] = None, torch.zeros((), device=device)
             if jdx is not None and len(jdx):
-                t["c"] = classifier_verdict(policy, x[jdx], m[jdx], a[jdx])
-                t["cls_loss"] = classification_loss(t["c"], y[jdx], labelled[jdx])
-            loss = t["pg_loss"] + cfg.beta * t["kl"] + cfg.cls_weight * t["cls_loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            t["grad_norm"] = nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                t["c"], t["cls_loss"], g_cls = classifier_stream(policy, cfg, x, m, a, y, labelled, jdx,
+                                                                 params)
+                g_cls_clipped, norm_cls = clip_to_norm(g_cls, cfg.max_grad_norm)
+                grads = add_grads(grads, g_cls_clipped)
+                t |= clip_stats(g_pg, g_cls, t["grad_norm"], norm_cls, cfg.max_grad_norm)
+            for p, grad in zip(params, grads):  # loss = pg_loss + beta * kl + cls_weight * cls_loss
+                p.grad = grad
             opt.step()
             logs.append(step_stats(t, cfg, m[idx], logp_old[idx], *(
                 (flawed[jdx], y[jdx]) if t["c"] is not None else (None, None))))
@@ -703,11 +760,13 @@ class Interrupted(Exception):
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png",
              "probe_heatmap.png", "vs_plain.png")
 ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "success_rate",
-            "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob", "probe_flawed_probs",
-            "probe_control_probs", "grad_cos_twin", "grad_cos_twin_each", "embed_cos_good_bad",
-            "embed_cos_each", "probe_action_probs", "adv_flawed_mean", "adv_good_mean", "zero_std_frac",
-            "pg_loss", "cls_loss", "kl", "entropy", "clip_frac", "cls_acc", "cls_oracle_acc",
-            "cls_labelled_frac", "eval_return", "ood_eval_return", "update_samples", "opt_steps", "rss_mib",
+            "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
+            "probe_flawed_probs", "probe_control_probs", "grad_cos_twin", "grad_cos_twin_each",
+            "embed_cos_good_bad", "embed_cos_each", "probe_action_probs", "adv_flawed_mean",
+            "adv_good_mean", "zero_std_frac", "pg_loss", "cls_loss", "kl", "entropy", "clip_frac",
+            "cls_acc", "cls_oracle_acc", "cls_labelled_frac", "pg_grad_norm", "grad_clipped_frac",
+            "cls_grad_norm", "cls_grad_clipped_frac", "cls_pg_grad_ratio", "joint_clip_pg_scale",
+            "cos_v_w", "eval_return", "ood_eval_return", "update_samples", "opt_steps", "rss_mib",
             "peak_rss_mib", "time_rollout_s", "time_update_s", "time_eval_s", "time_diag_s")
 
 
@@ -818,6 +877,10 @@ def check_config(cfg: Config):
                          f"give an object like '{{\"is_slippery\": false}}'")
     if not isinstance(kwargs, dict):
         raise ValueError(f"--env-kwargs must be a JSON object, got {cfg.env_kwargs!r}")
+    try:  # the env's own constructor is the only judge of its keyword arguments
+        gym.make(cfg.env, **kwargs).close()
+    except Exception as e:
+        raise ValueError(f"--env-kwargs {cfg.env_kwargs} do not fit {cfg.env}: {str(e).splitlines()[0][:200]}")
     for name in ("iters", "tasks_per_iter", "num_iterations", "minibatch_size", "eval_every", "diag_every",
                  "eval_tasks", "d_model", "n_layers", "n_heads", "threads"):
         if getattr(cfg, name) < 1:
@@ -877,6 +940,7 @@ def pick_device(asked: str) -> str:
 # -- what an update logs ----------------------------------------------------------------------
 
 CHECKED = ("pg_loss", "cls_loss", "kl", "grad_norm")  # the terms whose NaN or inf stops a run
+CLIP_KEYS = ("cls_grad_norm", "cls_grad_clipped", "cls_pg_grad_ratio", "joint_clip_pg_scale")  # clip_stats
 
 
 def step_stats(t: dict, cfg: Config, m, logp_old, flawed, y) -> dict:
@@ -885,11 +949,13 @@ def step_stats(t: dict, cfg: Config, m, logp_old, flawed, y) -> dict:
     s = {"pg_loss": t["pg_loss"].detach(), "kl": t["kl"].detach(), "cls_loss": t["cls_loss"].detach(),
          "entropy": -(p * t["logp_all"]).masked_fill(~m, 0).sum(1).mean().detach(),
          "clip_frac": ((t["logp"] - logp_old).exp().sub(1).abs() > cfg.epsilon).float().mean().detach(),
+         "pg_grad_norm": t["grad_norm"], "grad_clipped": (t["grad_norm"] > cfg.max_grad_norm).double(),
          "finite": torch.stack([torch.isfinite(t[k]).all() for k in CHECKED])}
     if t["c"] is not None:  # the classifier's verdict (c > 0 means bad) against its labels and the oracle
         said_bad = t["c"].detach() > 0
         s |= {"cls_correct": (said_bad == (y > 0)).sum(), "oracle_correct": (said_bad == flawed).sum(),
               "classified": torch.tensor(len(y), device=y.device)}
+        s |= {k: t[k].double() for k in CLIP_KEYS}  # its gradient beside the policy gradient's
     return s
 
 
@@ -900,7 +966,8 @@ def update_stats(logs: list[dict], cfg: Config, batch, policy, ref, labelled, n_
            "cls_oracle_acc": None, "nonfinite": None}
     if logs:  # every group tied: no step was taken
         mean = lambda k: torch.stack([s[k] for s in logs]).mean().item()  # noqa: E731
-        out |= {k: mean(k) for k in ("pg_loss", "entropy", "clip_frac")}
+        out |= {k: mean(k) for k in ("pg_loss", "entropy", "clip_frac", "pg_grad_norm")}
+        out["grad_clipped_frac"] = mean("grad_clipped")
         out["kl"] = mean("kl") if ref is not None else None
         finite = torch.stack([s["finite"] for s in logs]).all(0).tolist()
         out["nonfinite"] = next((k for k, ok in zip(CHECKED, finite) if not ok), None)
@@ -910,6 +977,10 @@ def update_stats(logs: list[dict], cfg: Config, batch, policy, ref, labelled, n_
         total = lambda k: torch.stack([s[k] for s in counted]).sum().item()  # noqa: E731
         out["cls_acc"] = total("cls_correct") / total("classified")
         out["cls_oracle_acc"] = total("oracle_correct") / total("classified") if batch["has_oracle"] else None
+        out |= {k.replace("clipped", "clipped_frac"): torch.stack([s[k] for s in counted]).mean().item()
+                for k in CLIP_KEYS}
+    if policy.cls_design == "shared":  # v and w, the two heads that read phi(s, a)
+        out["cos_v_w"] = F.cosine_similarity(policy.cls_head.weight, policy.policy_head.weight).item()
     return out | {"cls_labelled_frac": labelled.float().mean().item() if labelled is not None else None,
                   "update_samples": n_informative * cfg.num_iterations, "opt_steps": len(logs)}
 
@@ -1376,6 +1447,11 @@ def check_resume(saved: dict, given: dict):
 
 def main(argv=None):
     cfg, checkpoint = parse_args(argv)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        print(f"grpo_cls.py: error: cannot make the run folder --out {cfg.out} ({e.strerror})", file=sys.stderr)
+        sys.exit(2)
     if checkpoint is None and os.path.isdir(cfg.out) and os.listdir(cfg.out):
         if not cfg.overwrite:
             print(f"grpo_cls.py: error: run folder {cfg.out} is not empty; pass --overwrite, "

@@ -99,6 +99,46 @@ def test_classification_loss_ignores_unlabelled_samples_in_value_and_gradient():
     assert none.item() == 0.0
 
 
+def gradient_lists(seed: int, n_lists: int = 30):
+    """Lists of 5 to 40 random gradients of 1 to 300 entries and varied scale: enough tensors that a
+    vectorised reduction over their norms rounds differently when the list grows by one."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n_lists):
+        k = int(torch.randint(5, 41, (1,), generator=gen))
+        yield [torch.randn(int(torch.randint(1, 301, (1,), generator=gen)), generator=gen)
+               * 10 * float(torch.rand(1, generator=gen)) for _ in range(k)]
+
+
+def test_total_norm_is_the_l2_norm_of_all_gradients_and_skips_none():
+    grads = [torch.tensor([3.0, 0.0]), None, torch.tensor([[4.0]])]
+    assert g.total_norm(grads).item() == 5.0 and g.total_norm(grads).dtype == torch.float64
+    assert g.total_norm([None]).item() == 0.0
+
+
+def test_clip_to_norm_ignores_zero_gradient_tensors_bit_for_bit_wherever_they_sit():
+    """A classifier weighted 0 adds parameters whose gradient is all zeros. They must not move the clip by
+    a bit: the clipped gradients, with zero tensors inserted at any position, equal those without. torch's
+    clip_grad_norm_ fails this on x86-64 CPUs (AVX2 and AVX-512): its norm moves in the last bit."""
+    for grads in gradient_lists(seed=0):
+        clipped, norm = g.clip_to_norm(grads, max_norm=1.0)
+        assert norm > 1.0  # the clip acts, so every clipped tensor depends on the norm
+        for at in range(len(grads) + 1):
+            padded = grads[:at] + [torch.zeros(7), None] + grads[at:]
+            clipped_padded, norm_padded = g.clip_to_norm(padded, max_norm=1.0)
+            assert torch.equal(norm, norm_padded)
+            for c, cp in zip(clipped, clipped_padded[:at] + clipped_padded[at + 2:], strict=True):
+                assert torch.equal(c, cp)
+
+
+def test_clip_to_norm_scales_to_max_norm_above_it_and_leaves_gradients_alone_below():
+    grads = [torch.tensor([3.0, 0.0]), torch.tensor([4.0])]
+    clipped, norm = g.clip_to_norm(grads, max_norm=1.0)
+    assert norm.item() == 5.0 and g.total_norm(clipped).item() == pytest.approx(1.0, rel=1e-6)
+    assert torch.allclose(clipped[0], torch.tensor([0.6, 0.0])) and torch.allclose(clipped[1], torch.tensor([0.8]))
+    unclipped, _ = g.clip_to_norm(grads, max_norm=10.0)
+    assert all(torch.equal(a, b) for a, b in zip(unclipped, grads))
+
+
 def test_advantage_labels_call_negative_advantage_bad_and_leave_ties_unlabelled():
     A = torch.tensor([0.7, -0.3, 0.0])
     flawed = torch.tensor([True, False, True])
@@ -367,12 +407,26 @@ def cli(*args, timeout=120):
 @pytest.mark.parametrize("args, says", [
     (["--env", "nope"], "--env"), (["--num-generations", "1"], "--num-generations"), (["--lr", "-1"], "--lr"),
     (["--cls-weight", "nan"], "--cls-weight"), (["--scale-rewards", "std"], "--scale-rewards"),
-    (["--iters", "x"], "--iters"), (["--shaping", "loop", "--cls-weight", "0.5"], "--shaping")])
+    (["--iters", "x"], "--iters"), (["--shaping", "loop", "--cls-weight", "0.5"], "--shaping"),
+    (["--env-kwargs", '{"nope": 1}'], "--env-kwargs"), (["--out", "/proc/x"], "--out /proc/x")])
 def test_bad_arguments_exit_2_with_one_line_and_no_traceback(args, says, capsys):
     with pytest.raises(SystemExit) as stop:  # any other exception fails the test: it would be a traceback
         g.main(args)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+
+
+@pytest.mark.parametrize("args", [["--env-kwargs", '{"nope": 1}'], ["--env", "grid", "--env-kwargs", '{"size": "x"}'],
+                                  ["--out", "{tmp}/file/run"]])
+def test_bad_env_kwargs_or_run_folder_write_nothing(args, tmp_path, capsys):
+    """An env constructor that refuses its kwargs, or a run folder that cannot be made: exit 2 before any
+    file is written."""
+    (tmp_path / "file").write_text("a file, not a folder")
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    with pytest.raises(SystemExit) as stop:
+        g.main(args + (["--out", str(tmp_path / "run")] if "--out" not in args else []))
+    assert stop.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_help_documents_every_config_field():
@@ -809,6 +863,61 @@ def test_fair_update_a_classifier_weighted_zero_trains_the_policy_bit_for_bit_as
         assert {k: p_row[k] for k in POLICY_METRICS} == {k: a_row[k] for k in POLICY_METRICS}
     assert all(r["cls_labelled_frac"] > 0 for r in arm_rows[1:])  # the classifier was labelled, and in the loss
     assert max(r["opt_steps"] for r in arm_rows[1:]) >= 2  # several minibatches: their order is checked too
+
+
+def random_grid_batch(cfg):
+    """One rollout of a fresh policy on 8 grid tasks x 8: some groups succeed and fail, so A != 0."""
+    device, tok, policy, gen, rng = g.build(cfg)
+    batch = g.rollout(policy, g.make_envs(cfg, 64), tok, np.repeat(np.arange(8), 8), np.arange(64), gen, device)
+    R = torch.as_tensor(batch["reward"], dtype=torch.float32).view(8, 8)
+    return batch, g.step_signals(cfg, batch, g.group_advantages(R).view(-1), device)[0]
+
+
+def test_each_stream_is_clipped_on_its_own_so_a_large_classifier_gradient_never_shrinks_the_policy_step():
+    """One SGD step on one minibatch, plain GRPO against a classifier weighted 1000. The policy head is
+    reached by the policy gradient only, so its step must be the same bit for bit: with one clip on the
+    summed gradient, the classifier's norm would shrink it (the logged joint_clip_pg_scale says by how much)."""
+    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, minibatch_size=4096)
+    batch, A = random_grid_batch(cfg)
+    heads, stats = {}, {}
+    for w in (0.0, 1000.0):
+        arm = dataclasses.replace(cfg, cls_weight=w)
+        device, tok, policy, gen, rng = g.build(arm)
+        before = policy.policy_head.weight.detach().clone()
+        stats[w] = g.grpo_update(policy, None, torch.optim.SGD(policy.parameters(), lr=1.0), arm, batch, A, None,
+                                 gen, device)
+        heads[w] = policy.policy_head.weight.detach() - before
+    assert stats[0.0]["opt_steps"] == stats[1000.0]["opt_steps"] == 1
+    assert heads[0.0].abs().sum() > 0 and torch.equal(heads[0.0], heads[1000.0])
+    assert stats[0.0]["pg_grad_norm"] == stats[1000.0]["pg_grad_norm"]
+    big = stats[1000.0]
+    assert big["cls_grad_clipped_frac"] == 1.0 and big["cls_pg_grad_ratio"] > 1 and big["joint_clip_pg_scale"] < 1
+    assert -1 <= big["cos_v_w"] <= 1
+    assert all(stats[0.0].get(k) is None for k in ("cls_grad_norm", "cls_pg_grad_ratio", "cos_v_w"))
+
+
+def test_the_classifier_stream_runs_in_pieces_of_at_most_a_minibatch_with_the_loss_and_gradient_of_one_pass(
+        monkeypatch):
+    """However few policy minibatches an iteration has, the classifier's share of labelled steps is
+    forwarded minibatch_size samples at a time (peak memory stays flat), with the same mean loss and
+    gradient as one forward over the whole share."""
+    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, minibatch_size=64,
+               cls_weight=0.5)
+    batch, A = random_grid_batch(cfg)
+    device, tok, policy, gen, rng = g.build(cfg)
+    x, m, a = (torch.as_tensor(batch[k]) for k in ("tokens", "mask", "action"))
+    y, labelled = g.cls_targets("oracle", A, torch.as_tensor(batch["flawed"]))
+    jdx = torch.arange(150)
+    params = list(policy.parameters())
+    sizes, real = [], g.classifier_verdict
+    monkeypatch.setattr(g, "classifier_verdict", lambda p, xs, *r: sizes.append(len(xs)) or real(p, xs, *r))
+    c, cls_loss, grads = g.classifier_stream(policy, cfg, x, m, a, y, labelled, jdx, params)
+    assert sizes == [64, 64, 22] and c.shape == (150,)
+    whole = g.classification_loss(real(policy, x[jdx], m[jdx], a[jdx]), y[jdx], labelled[jdx])
+    assert cls_loss.item() == pytest.approx(whole.item(), rel=1e-5)
+    for mine, one_pass in zip(grads, torch.autograd.grad(0.5 * whole, params, allow_unused=True), strict=True):
+        assert (mine is None) == (one_pass is None)
+        assert mine is None or torch.allclose(mine, one_pass, rtol=1e-4, atol=1e-7)
 
 
 def test_fair_update_gigpo_changes_the_advantages_but_not_the_samples_or_the_step_count():

@@ -34,6 +34,10 @@ Deviations from the paper (see the README for the reasons):
      like every term here it acts on the steps of untied groups only.
   6. `--shaping` is a control the paper does not run: the classifier's labels carried by the reward
      (minus lambda per bad step) instead of by a loss on the pair embedding.
+  7. Each stream's gradient is clipped to --max-grad-norm on its own, then the two are summed into one
+     Adam step. A TRL or verl user would clip the summed loss once; that clip lets the classifier shrink
+     the policy-gradient step (joint_clip_pg_scale logs by how much). Adam's moments stay shared
+     (adam_pg_step_scale logs their effect; docs/optimizer.md).
 """
 
 from __future__ import annotations
@@ -521,29 +525,60 @@ def add_grads(a: list, b: list) -> list:
 
 
 def classifier_stream(policy, cfg: Config, x, m, a, y, labelled, jdx, params: list) -> tuple:
-    """The classifier's term on its share jdx (b',) of labelled steps, in pieces of at most minibatch_size
-    samples, so that peak memory is one minibatch's however large b' grows. Returns the verdicts c (b',),
-    cls_loss (the mean over jdx, as one forward would give) and the gradient of cls_weight * cls_loss."""
+    """The classifier's term on its share jdx (b',) of labelled steps, in pieces of minibatch_size samples,
+    so that peak memory is one minibatch's however large b' grows (the last piece is padded with a repeat
+    that carries no weight: every piece has one shape, and glibc's heap then does not fragment and climb).
+    Returns the verdicts c (b',), cls_loss (the mean over jdx, as one forward would give) and the gradient
+    of cls_weight * cls_loss."""
     c, cls_loss, grads = [], torch.zeros((), device=x.device), [None] * len(params)
     for part in jdx.split(cfg.minibatch_size):                                    # (<= minibatch_size,)
+        n = len(part)
+        real = torch.arange(cfg.minibatch_size, device=x.device) < n            # (minibatch_size,)
+        part = torch.cat([part, part[:1].expand(cfg.minibatch_size - n)])  # one shape for every piece
         c_part = classifier_verdict(policy, x[part], m[part], a[part])
-        part_loss = classification_loss(c_part, y[part], labelled[part]) * (len(part) / len(jdx))
+        part_loss = classification_loss(c_part, y[part], labelled[part] & real) * (n / len(jdx))
         grads = add_grads(grads, torch.autograd.grad(cfg.cls_weight * part_loss, params, allow_unused=True))
-        c.append(c_part.detach())
+        c.append(c_part[:n].detach())
         cls_loss = cls_loss + part_loss.detach()
     return torch.cat(c), cls_loss, grads
+
+
+def shared_params(g_pg: list, g_cls: list) -> list[int]:
+    """The indices of the parameters that both streams' gradients reach (the trunk and phi's MLP)."""
+    return [i for i, (p, c) in enumerate(zip(g_pg, g_cls)) if p is not None and c is not None]
 
 
 def clip_stats(g_pg: list, g_cls: list, norm_pg, norm_cls, max_norm: float) -> dict:
     """What one optimizer step logs of its two gradients, before clipping: each stream's norm and whether
     its clip acted, the classifier's norm over the policy gradient's on the parameters both reach, and the
     factor a single clip of the sum would have put on the policy gradient, relative to its own clip."""
-    shared = [i for i, (p, c) in enumerate(zip(g_pg, g_cls)) if p is not None and c is not None]
+    shared = shared_params(g_pg, g_cls)
     own = (max_norm / (norm_pg + 1e-6)).clamp(max=1.0)
     joint = (max_norm / (total_norm(add_grads(g_pg, g_cls)) + 1e-6)).clamp(max=1.0)
     ratio = total_norm([g_cls[i] for i in shared]) / total_norm([g_pg[i] for i in shared])
     return {"cls_grad_norm": norm_cls, "cls_grad_clipped": norm_cls > max_norm, "cls_pg_grad_ratio": ratio,
             "joint_clip_pg_scale": joint / own}
+
+
+def adam_pg_step_scale(opt, params: list, g_pg: list, shared: list[int]):
+    """How far Adam moves the (clipped) policy gradient g_pg on the shared parameters, relative to an Adam
+    whose second moment had seen the policy gradient alone: ||g_pg / (sqrt(v_hat) + eps)|| over the same
+    with v_pg_hat. Adam's own v averages the squares of the summed gradient; v_pg, the same average of
+    g_pg's squares, is kept beside it in the optimizer's state (so a checkpoint holds it). Called after
+    opt.step(); 1 means the classifier leaves the step's size alone, 0.5 that it halves it. None for an
+    optimizer without second moments."""
+    mine, alone = [], []
+    for i in shared:
+        state = opt.state[params[i]]
+        if "exp_avg_sq" not in state:
+            return None
+        beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+        v_pg = state.setdefault("pg_exp_avg_sq", torch.zeros_like(state["exp_avg_sq"]))
+        v_pg.mul_(beta2).addcmul_(g_pg[i], g_pg[i], value=1 - beta2)
+        correction = 1 - beta2 ** float(state["step"])
+        mine.append(g_pg[i] / ((state["exp_avg_sq"] / correction).sqrt() + eps))
+        alone.append(g_pg[i] / ((v_pg / correction).sqrt() + eps))
+    return total_norm(mine) / total_norm(alone)
 
 
 def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_gen=None) -> dict:
@@ -584,8 +619,8 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
         for idx, jdx in zip(pg_batches, cls_batches):                      # (b,) and (b',) sample indices
             t = policy_terms(policy, ref, cfg, x[idx], m[idx], a[idx], logp_old[idx], A[idx])
             g_pg = torch.autograd.grad(t["pg_loss"] + cfg.beta * t["kl"], params, allow_unused=True)
-            grads, t["grad_norm"] = clip_to_norm(g_pg, cfg.max_grad_norm)
-            t["c"], t["cls_loss"] = None, torch.zeros((), device=device)
+            g_pg_clipped, t["grad_norm"] = clip_to_norm(g_pg, cfg.max_grad_norm)
+            grads, t["c"], t["cls_loss"] = g_pg_clipped, None, torch.zeros((), device=device)
             if jdx is not None and len(jdx):
                 t["c"], t["cls_loss"], g_cls = classifier_stream(policy, cfg, x, m, a, y, labelled, jdx,
                                                                  params)
@@ -595,6 +630,9 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
             for p, grad in zip(params, grads):  # loss = pg_loss + beta * kl + cls_weight * cls_loss
                 p.grad = grad
             opt.step()
+            if t["c"] is not None:
+                shared = shared_params(g_pg, g_cls)
+                t["adam_pg_step_scale"] = adam_pg_step_scale(opt, params, g_pg_clipped, shared)
             logs.append(step_stats(t, cfg, m[idx], logp_old[idx], *(
                 (flawed[jdx], y[jdx]) if t["c"] is not None else (None, None))))
     n_pg = len(pg_idx) + len(shaped_idx) if len(pg_idx) else 0
@@ -766,8 +804,9 @@ ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "su
             "adv_good_mean", "zero_std_frac", "pg_loss", "cls_loss", "kl", "entropy", "clip_frac",
             "cls_acc", "cls_oracle_acc", "cls_labelled_frac", "pg_grad_norm", "grad_clipped_frac",
             "cls_grad_norm", "cls_grad_clipped_frac", "cls_pg_grad_ratio", "joint_clip_pg_scale",
-            "cos_v_w", "eval_return", "ood_eval_return", "update_samples", "opt_steps", "rss_mib",
-            "peak_rss_mib", "time_rollout_s", "time_update_s", "time_eval_s", "time_diag_s")
+            "adam_pg_step_scale", "cos_v_w", "eval_return", "ood_eval_return", "update_samples",
+            "opt_steps", "rss_mib", "peak_rss_mib", "time_rollout_s", "time_update_s", "time_eval_s",
+            "time_diag_s")
 
 
 # -- observations to tokens: the vocabulary comes from what the env declares, never from data ----------
@@ -880,7 +919,8 @@ def check_config(cfg: Config):
     try:  # the env's own constructor is the only judge of its keyword arguments
         gym.make(cfg.env, **kwargs).close()
     except Exception as e:
-        raise ValueError(f"--env-kwargs {cfg.env_kwargs} do not fit {cfg.env}: {str(e).splitlines()[0][:200]}")
+        why = str(e).splitlines()[0][:200]
+        raise ValueError(f"--env-kwargs {cfg.env_kwargs} do not fit {cfg.env}: {why}")
     for name in ("iters", "tasks_per_iter", "num_iterations", "minibatch_size", "eval_every", "diag_every",
                  "eval_tasks", "d_model", "n_layers", "n_heads", "threads"):
         if getattr(cfg, name) < 1:
@@ -940,7 +980,8 @@ def pick_device(asked: str) -> str:
 # -- what an update logs ----------------------------------------------------------------------
 
 CHECKED = ("pg_loss", "cls_loss", "kl", "grad_norm")  # the terms whose NaN or inf stops a run
-CLIP_KEYS = ("cls_grad_norm", "cls_grad_clipped", "cls_pg_grad_ratio", "joint_clip_pg_scale")  # clip_stats
+CLIP_KEYS = ("cls_grad_norm", "cls_grad_clipped", "cls_pg_grad_ratio", "joint_clip_pg_scale",
+             "adam_pg_step_scale")  # clip_stats, adam_pg_step_scale
 
 
 def step_stats(t: dict, cfg: Config, m, logp_old, flawed, y) -> dict:
@@ -955,7 +996,7 @@ def step_stats(t: dict, cfg: Config, m, logp_old, flawed, y) -> dict:
         said_bad = t["c"].detach() > 0
         s |= {"cls_correct": (said_bad == (y > 0)).sum(), "oracle_correct": (said_bad == flawed).sum(),
               "classified": torch.tensor(len(y), device=y.device)}
-        s |= {k: t[k].double() for k in CLIP_KEYS}  # its gradient beside the policy gradient's
+        s |= {k: t[k].double() for k in CLIP_KEYS if t.get(k) is not None}  # its gradient beside the pg's
     return s
 
 
@@ -978,7 +1019,7 @@ def update_stats(logs: list[dict], cfg: Config, batch, policy, ref, labelled, n_
         out["cls_acc"] = total("cls_correct") / total("classified")
         out["cls_oracle_acc"] = total("oracle_correct") / total("classified") if batch["has_oracle"] else None
         out |= {k.replace("clipped", "clipped_frac"): torch.stack([s[k] for s in counted]).mean().item()
-                for k in CLIP_KEYS}
+                for k in CLIP_KEYS if k in counted[0]}
     if policy.cls_design == "shared":  # v and w, the two heads that read phi(s, a)
         out["cos_v_w"] = F.cosine_similarity(policy.cls_head.weight, policy.policy_head.weight).item()
     return out | {"cls_labelled_frac": labelled.float().mean().item() if labelled is not None else None,
@@ -1259,7 +1300,8 @@ NOT_COMPARED = ("cls_weight", "cls_labels", "cls_design", "out", "overwrite", "r
 def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | None:
     """The stored plain-GRPO run to set beside this classifier run: (its folder, its metrics rows), or None.
     Its config must be this run's but for NOT_COMPARED, and its iteration 0 this run's (the same cold
-    start). An explicit --baseline that fails either check gets a one-line note; 'auto' stays silent."""
+    start). A stored run that fails either check gets a one-line note saying why; 'auto' is silent only
+    where no stored run exists for this env and seed."""
     if cfg.baseline == "none" or cfg.cls_weight == 0 or not metrics:
         return None
     path = (cfg.baseline if cfg.baseline != "auto"
@@ -1281,6 +1323,10 @@ def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | 
                else "starts from another cold start")
     if cfg.baseline != "auto":
         print(f"note: --baseline {path} {why}; not shown", file=sys.stderr)
+    elif os.path.exists(path):
+        print(f"note: the stored plain-GRPO run {os.path.relpath(path)} {why}, so it is not shown "
+              f"(runs on another CPU differ in roundoff from iteration 0); make reference regenerates it "
+              f"on this machine", file=sys.stderr)
     return None
 
 
@@ -1450,7 +1496,8 @@ def main(argv=None):
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
-        print(f"grpo_cls.py: error: cannot make the run folder --out {cfg.out} ({e.strerror})", file=sys.stderr)
+        print(f"grpo_cls.py: error: cannot make the run folder --out {cfg.out} ({e.strerror})",
+              file=sys.stderr)
         sys.exit(2)
     if checkpoint is None and os.path.isdir(cfg.out) and os.listdir(cfg.out):
         if not cfg.overwrite:

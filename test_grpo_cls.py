@@ -862,6 +862,7 @@ def test_fair_update_a_classifier_weighted_zero_trains_the_policy_bit_for_bit_as
     for p_row, a_row in zip(plain_rows, arm_rows, strict=True):
         assert {k: p_row[k] for k in POLICY_METRICS} == {k: a_row[k] for k in POLICY_METRICS}
     assert all(r["cls_labelled_frac"] > 0 for r in arm_rows[1:])  # the classifier was labelled, and in the loss
+    assert all(r["adam_pg_step_scale"] == pytest.approx(1.0, abs=1e-6) for r in arm_rows[1:])  # Adam's v: pg's alone
     assert max(r["opt_steps"] for r in arm_rows[1:]) >= 2  # several minibatches: their order is checked too
 
 
@@ -887,6 +888,10 @@ def test_each_stream_is_clipped_on_its_own_so_a_large_classifier_gradient_never_
         stats[w] = g.grpo_update(policy, None, torch.optim.SGD(policy.parameters(), lr=1.0), arm, batch, A, None,
                                  gen, device)
         heads[w] = policy.policy_head.weight.detach() - before
+        if w:  # Adam's second moment, shared with the classifier's gradient, changes the policy gradient's step
+            adam = torch.optim.Adam(policy.parameters())
+            scale = g.grpo_update(policy, None, adam, arm, batch, A, None, gen, device)["adam_pg_step_scale"]
+            assert abs(scale - 1) > 0.1  # (a classifier weighted 0 leaves it at 1: the fair-update test)
     assert stats[0.0]["opt_steps"] == stats[1000.0]["opt_steps"] == 1
     assert heads[0.0].abs().sum() > 0 and torch.equal(heads[0.0], heads[1000.0])
     assert stats[0.0]["pg_grad_norm"] == stats[1000.0]["pg_grad_norm"]
@@ -899,8 +904,8 @@ def test_each_stream_is_clipped_on_its_own_so_a_large_classifier_gradient_never_
 def test_the_classifier_stream_runs_in_pieces_of_at_most_a_minibatch_with_the_loss_and_gradient_of_one_pass(
         monkeypatch):
     """However few policy minibatches an iteration has, the classifier's share of labelled steps is
-    forwarded minibatch_size samples at a time (peak memory stays flat), with the same mean loss and
-    gradient as one forward over the whole share."""
+    forwarded minibatch_size samples at a time (peak memory stays flat; the last piece padded), with the
+    same mean loss and gradient as one forward over the whole share."""
     cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, minibatch_size=64,
                cls_weight=0.5)
     batch, A = random_grid_batch(cfg)
@@ -912,9 +917,10 @@ def test_the_classifier_stream_runs_in_pieces_of_at_most_a_minibatch_with_the_lo
     sizes, real = [], g.classifier_verdict
     monkeypatch.setattr(g, "classifier_verdict", lambda p, xs, *r: sizes.append(len(xs)) or real(p, xs, *r))
     c, cls_loss, grads = g.classifier_stream(policy, cfg, x, m, a, y, labelled, jdx, params)
-    assert sizes == [64, 64, 22] and c.shape == (150,)
+    assert sizes == [64, 64, 64] and c.shape == (150,)
     whole = g.classification_loss(real(policy, x[jdx], m[jdx], a[jdx]), y[jdx], labelled[jdx])
     assert cls_loss.item() == pytest.approx(whole.item(), rel=1e-5)
+    assert torch.allclose(c, real(policy, x[jdx], m[jdx], a[jdx]), atol=1e-5)
     for mine, one_pass in zip(grads, torch.autograd.grad(0.5 * whole, params, allow_unused=True), strict=True):
         assert (mine is None) == (one_pass is None)
         assert mine is None or torch.allclose(mine, one_pass, rtol=1e-4, atol=1e-7)
@@ -1154,6 +1160,24 @@ def test_a_classifier_run_is_set_beside_a_stored_plain_run_from_the_same_cold_st
     (tmp_path / "plain" / "metrics.jsonl").write_text("\n".join([json.dumps(first)] + rows[1:]))
     g.main(args + ["--cls-weight", "0.5", "--out", str(tmp_path / "cls3"), "--baseline", str(tmp_path / "plain")])
     assert "another cold start" in capsys.readouterr().err
+
+
+def test_a_stored_reference_from_another_cold_start_is_refused_with_a_line_that_says_how_to_regenerate_it(
+        tmp_path, capsys, monkeypatch):
+    """--baseline auto (the default): a stored plain run that no longer matches, as on another CPU, is never
+    dropped silently."""
+    ref = tmp_path / "results" / "reference" / "text-plain-seed1"
+    g.main(TINY_ARGS + ["--cls-weight", "0", "--out", str(ref), "--baseline", "none"])
+    rows = (ref / "metrics.jsonl").read_text().splitlines()
+    first = json.loads(rows[0]) | {"probe_flawed_prob": 0.5}  # iteration 0 differs in roundoff elsewhere
+    (ref / "metrics.jsonl").write_text("\n".join([json.dumps(first)] + rows[1:]))
+    monkeypatch.setattr(g, "HERE", str(tmp_path))
+    capsys.readouterr()
+    g.main(TINY_ARGS + ["--cls-weight", "0.5", "--out", str(tmp_path / "cls"), "--seed", "1"])
+    err = capsys.readouterr().err
+    assert "starts from another cold start" in err and "make reference" in err
+    assert len([line for line in err.splitlines() if line.startswith("note:")]) == 1
+    assert "baseline" not in json.load(open(tmp_path / "cls" / "summary.json"))
 
 
 def test_compare_reuses_a_finished_run_only_when_every_field_that_can_change_it_matches(tmp_path):

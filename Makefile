@@ -1,12 +1,12 @@
-# The two commands are `make run` and `make test`; `make bench`, `make claims`, `make compare`, the
-# `make matrix*` targets and `make figures` make the README's numbers. Each target creates .venv from
+# The two commands are `make run` and `make test`; `make bench`, `make claims`, `make optimizer`,
+# `make compare`, the `make matrix*` targets, `make reference` and `make figures` make the README's numbers. Each target creates .venv from
 # requirements.txt when needed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims compare matrix matrix-stage2 recheck matrix-cure matrix-lambda reference clean
+.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda reference clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ bench: $(STAMP)  ## measure the trainer against this machine's ceilings; writes 
 
 claims: $(STAMP)  ## measure the paper's claims; writes results/claims.md, squeeze.png, probe_rise.png
 	$(PY) claims.py
+
+OPT := --cls-weight 0.5 --overwrite --quiet --no-plots --baseline none
+optimizer: $(STAMP)  ## the clip and Adam logs of the default classifier run on each task; writes results/optimizer.md
+	$(PY) grpo_cls.py $(OPT) --out runs/optimizer/text-cls0.5-seed1
+	$(PY) grpo_cls.py $(OPT) --env grid --out runs/optimizer/grid-cls0.5-seed1
+	$(PY) claims.py --optimizer runs/optimizer/text-cls0.5-seed1 runs/optimizer/grid-cls0.5-seed1
 
 compare: $(STAMP)  ## claims 3b and 4, short: 20 iterations, seeds 1-5; writes results/compare.md and docs/claim4.md's block
 	$(PY) compare.py

@@ -129,8 +129,10 @@ def is_done(fields: dict, last_file: str = "summary.json") -> bool:
     same = all(saved.get(k, getattr(g.Config, k, None)) == v for k, v in fields.items() if k not in idle)
     if not same or not os.path.isfile(os.path.join(fields["out"], last_file)):
         return False
-    if last_file != "summary.json":
+    if last_file != "summary.json":  # a cold start: the update never ran, so its version cannot matter
         return True
+    if saved.get("update", 1) != g.UPDATE_VERSION:  # trained by another grpo_update (one joint clip)
+        return False
     with open(os.path.join(fields["out"], "metrics.jsonl")) as f:  # and it reached its last iteration
         return json.loads(f.read().splitlines()[-1])["iter"] == fields["iters"]
 

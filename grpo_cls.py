@@ -1110,7 +1110,8 @@ class RunLog:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg) | {"torch": torch.__version__, "numpy": np.__version__,
                                                  "gymnasium": gym.__version__, "device": str(device),
-                                                 "threads": torch.get_num_threads()}, f, indent=2)
+                                                 "threads": torch.get_num_threads(),
+                                                 "update": UPDATE_VERSION}, f, indent=2)
         self.file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
         for row in run.metrics:  # a resumed run rewrites the rows up to its checkpoint, dropping any after it
             self.file.write(json.dumps(row) + "\n")
@@ -1293,6 +1294,7 @@ def restore(ckpt: dict, run: RunState) -> list[dict]:
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+UPDATE_VERSION = 2  # config.json's "update": 2 clips each stream on its own; a run without it had one clip
 NOT_COMPARED = ("cls_weight", "cls_labels", "cls_design", "out", "overwrite", "resume", "quiet",
                 "no_plots", "baseline", "device", "threads")  # where a baseline may differ from its run
 
@@ -1317,16 +1319,18 @@ def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | 
         differ = [k for k in mine if k not in NOT_COMPARED and saved.get(k) != mine[k]]
         same_start = all(rows[0].get(k) == metrics[0].get(k) for k in ("success_rate", "flawed_rate",
                                                                       "probe_flawed_prob"))
-        if not differ and same_start and saved.get("cls_weight") == 0:
+        old = saved.get("update", 1) != UPDATE_VERSION
+        if not differ and same_start and not old and saved.get("cls_weight") == 0:
             return path, rows
         why = (f"differs in {', '.join(differ)}" if differ else "is not plain GRPO" if saved.get("cls_weight")
-               else "starts from another cold start")
+               else "was trained by an older update (one clip on the summed gradient)" if old
+               else "starts from another cold start (on another CPU, runs differ in roundoff from "
+                    "iteration 0)")
     if cfg.baseline != "auto":
         print(f"note: --baseline {path} {why}; not shown", file=sys.stderr)
     elif os.path.exists(path):
-        print(f"note: the stored plain-GRPO run {os.path.relpath(path)} {why}, so it is not shown "
-              f"(runs on another CPU differ in roundoff from iteration 0); make reference regenerates it "
-              f"on this machine", file=sys.stderr)
+        print(f"note: the stored plain-GRPO run {os.path.relpath(path)} {why}, so it is not shown; "
+              f"make reference regenerates it on this machine", file=sys.stderr)
     return None
 
 

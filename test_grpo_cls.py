@@ -1182,10 +1182,14 @@ def test_a_stored_reference_from_another_cold_start_is_refused_with_a_line_that_
 
 def test_compare_reuses_a_finished_run_only_when_every_field_that_can_change_it_matches(tmp_path):
     fields = dataclasses.asdict(compare.arm_config("text", 7, {}, 3, str(tmp_path)))
-    (tmp_path / "config.json").write_text(json.dumps(fields | {"cls_labels": "step", "threads": 2}))
+    saved = fields | {"cls_labels": "step", "threads": 2, "update": g.UPDATE_VERSION}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
     (tmp_path / "summary.json").write_text("{}")
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"iter": 3}))
     assert compare.is_done(fields)  # a plain run has no labels to differ in; threads do not change a result
+    (tmp_path / "config.json").write_text(json.dumps(saved | {"update": 1}))
+    assert not compare.is_done(fields)  # trained with one clip on the summed gradient: run again
+    (tmp_path / "config.json").write_text(json.dumps(saved))
     assert not compare.is_done(fields | {"seed": 8})
     assert not compare.is_done(fields | {"cls_weight": 0.5, "cls_labels": "step"})  # the saved run is plain
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"iter": 2}))

@@ -1,6 +1,6 @@
 # The two commands are `make run` and `make test`; `make bench`, `make claims`, `make optimizer`,
-# `make compare`, the `make matrix*` targets, `make reference` and `make figures` make the README's numbers. Each target creates .venv from
-# requirements.txt when needed.
+# `make compare`, the `make matrix*` targets, `make reference` and `make figures` make the README's
+# numbers. Each target creates .venv from requirements.txt when needed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -98,7 +98,7 @@ def from_cold_start(init: dict, cfg) -> dict:
     _, _, policy, _, _ = g.build(cfg)
     model = policy.state_dict() | init["model"]
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    ref = init["model"] if cfg.beta > 0 else None  # at iteration 0 the policy is the cold start, pi_ref
+    ref = model if cfg.beta > 0 else None  # at iteration 0 the policy is the cold start, pi_ref
     return init | {"model": model, "optimizer": opt.state_dict(), "ref": ref, "config": dataclasses.asdict(cfg)}
 
 
@@ -506,6 +506,10 @@ def recheck(run: str, init: str) -> int:
         print(f"{run}: no stored run, nothing to check")
         return 0
     saved = json.load(open(os.path.join(run, "config.json")))
+    if saved.get("update", 1) != g.UPDATE_VERSION:  # is_done re-runs it: there is nothing to reuse or check
+        print(f"{run}: trained by update {saved.get('update', 1)}, not {g.UPDATE_VERSION}; it will be re-run, "
+              f"not reused")
+        return 0
     names = {f.name for f in dataclasses.fields(g.Config)}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = g.Config(**{k: v for k, v in saved.items() if k in names} | {"out": tmp, "overwrite": True})

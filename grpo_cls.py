@@ -454,7 +454,7 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
 
 
 # ---------------------------------------------------------------------------------------------
-# The update: two streams in one optimizer step, loss = pg_loss + beta * kl + cls_weight * cls_loss
+# The update: loss = pg_loss + beta * kl + cls_weight * cls_loss, each stream clipped on its own
 # ---------------------------------------------------------------------------------------------
 
 def varied_groups(R: np.ndarray, G: int) -> np.ndarray:
@@ -543,6 +543,11 @@ def classifier_stream(policy, cfg: Config, x, m, a, y, labelled, jdx, params: li
     return torch.cat(c), cls_loss, grads
 
 
+def ratio_or_nan(num, den):
+    """num / den, or NaN where den is 0 (the mean over steps skips it: update_stats)."""
+    return torch.where(den > 0, num / den.clamp(min=1e-30), torch.full_like(num, float("nan")))
+
+
 def shared_params(g_pg: list, g_cls: list) -> list[int]:
     """The indices of the parameters that both streams' gradients reach (the trunk and phi's MLP)."""
     return [i for i, (p, c) in enumerate(zip(g_pg, g_cls)) if p is not None and c is not None]
@@ -555,7 +560,7 @@ def clip_stats(g_pg: list, g_cls: list, norm_pg, norm_cls, max_norm: float) -> d
     shared = shared_params(g_pg, g_cls)
     own = (max_norm / (norm_pg + 1e-6)).clamp(max=1.0)
     joint = (max_norm / (total_norm(add_grads(g_pg, g_cls)) + 1e-6)).clamp(max=1.0)
-    ratio = total_norm([g_cls[i] for i in shared]) / total_norm([g_pg[i] for i in shared])
+    ratio = ratio_or_nan(total_norm([g_cls[i] for i in shared]), total_norm([g_pg[i] for i in shared]))
     return {"cls_grad_norm": norm_cls, "cls_grad_clipped": norm_cls > max_norm, "cls_pg_grad_ratio": ratio,
             "joint_clip_pg_scale": joint / own}
 
@@ -565,20 +570,22 @@ def adam_pg_step_scale(opt, params: list, g_pg: list, shared: list[int]):
     whose second moment had seen the policy gradient alone: ||g_pg / (sqrt(v_hat) + eps)|| over the same
     with v_pg_hat. Adam's own v averages the squares of the summed gradient; v_pg, the same average of
     g_pg's squares, is kept beside it in the optimizer's state (so a checkpoint holds it). Called after
-    opt.step(); 1 means the classifier leaves the step's size alone, 0.5 that it halves it. None for an
-    optimizer without second moments."""
+    opt.step() of every optimizer step, so that v_pg advances with v; 1 means the classifier leaves the
+    step's size alone, 0.5 that it halves it. None for an optimizer without second moments, or a step
+    with no classifier share (shared = [])."""
     mine, alone = [], []
-    for i in shared:
+    for i, g in enumerate(g_pg):
         state = opt.state[params[i]]
-        if "exp_avg_sq" not in state:
-            return None
+        if g is None or "exp_avg_sq" not in state:
+            continue
         beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
         v_pg = state.setdefault("pg_exp_avg_sq", torch.zeros_like(state["exp_avg_sq"]))
-        v_pg.mul_(beta2).addcmul_(g_pg[i], g_pg[i], value=1 - beta2)
-        correction = 1 - beta2 ** float(state["step"])
-        mine.append(g_pg[i] / ((state["exp_avg_sq"] / correction).sqrt() + eps))
-        alone.append(g_pg[i] / ((v_pg / correction).sqrt() + eps))
-    return total_norm(mine) / total_norm(alone)
+        v_pg.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if i in shared:
+            correction = 1 - beta2 ** float(state["step"])
+            mine.append(g / ((state["exp_avg_sq"] / correction).sqrt() + eps))
+            alone.append(g / ((v_pg / correction).sqrt() + eps))
+    return ratio_or_nan(total_norm(mine), total_norm(alone)) if mine else None
 
 
 def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_gen=None) -> dict:
@@ -621,17 +628,18 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
             g_pg = torch.autograd.grad(t["pg_loss"] + cfg.beta * t["kl"], params, allow_unused=True)
             g_pg_clipped, t["grad_norm"] = clip_to_norm(g_pg, cfg.max_grad_norm)
             grads, t["c"], t["cls_loss"] = g_pg_clipped, None, torch.zeros((), device=device)
+            t["cls_grad_norm"], shared = torch.zeros((), device=device), []
             if jdx is not None and len(jdx):
                 t["c"], t["cls_loss"], g_cls = classifier_stream(policy, cfg, x, m, a, y, labelled, jdx,
                                                                  params)
                 g_cls_clipped, norm_cls = clip_to_norm(g_cls, cfg.max_grad_norm)
                 grads = add_grads(grads, g_cls_clipped)
                 t |= clip_stats(g_pg, g_cls, t["grad_norm"], norm_cls, cfg.max_grad_norm)
-            for p, grad in zip(params, grads):  # loss = pg_loss + beta * kl + cls_weight * cls_loss
+                shared = shared_params(g_pg, g_cls)
+            for p, grad in zip(params, grads):  # clip(grad(pg_loss + beta * kl)) + clip(grad(w * cls_loss))
                 p.grad = grad
             opt.step()
-            if t["c"] is not None:
-                shared = shared_params(g_pg, g_cls)
+            if policy.cls_design:  # every step: the shadow second moment keeps pace with Adam's own
                 t["adam_pg_step_scale"] = adam_pg_step_scale(opt, params, g_pg_clipped, shared)
             logs.append(step_stats(t, cfg, m[idx], logp_old[idx], *(
                 (flawed[jdx], y[jdx]) if t["c"] is not None else (None, None))))
@@ -920,7 +928,9 @@ def check_config(cfg: Config):
         gym.make(cfg.env, **kwargs).close()
     except Exception as e:
         why = str(e).splitlines()[0][:200]
-        raise ValueError(f"--env-kwargs {cfg.env_kwargs} do not fit {cfg.env}: {why}")
+        if kwargs:
+            raise ValueError(f"--env-kwargs {cfg.env_kwargs} do not fit {cfg.env}: {why}")
+        raise ValueError(f"--env {cfg.env} cannot be made: {why}")
     for name in ("iters", "tasks_per_iter", "num_iterations", "minibatch_size", "eval_every", "diag_every",
                  "eval_tasks", "d_model", "n_layers", "n_heads", "threads"):
         if getattr(cfg, name) < 1:
@@ -965,7 +975,8 @@ def check_label_source(cfg: Config, env: gym.Env):
 
 
 def check_finite(stats: dict, it: int, cfg: Config):
-    """Stop the run, before anything is logged or saved, if a loss term or the gradient was NaN or inf."""
+    """Stop the run, before anything is logged or saved, if a loss term or either stream's gradient was NaN
+    or inf."""
     bad = stats.pop("nonfinite")
     if bad:
         raise TrainingError(f"iteration {it}: {bad} is not finite; stopped. "
@@ -979,7 +990,7 @@ def pick_device(asked: str) -> str:
 
 # -- what an update logs ----------------------------------------------------------------------
 
-CHECKED = ("pg_loss", "cls_loss", "kl", "grad_norm")  # the terms whose NaN or inf stops a run
+CHECKED = ("pg_loss", "cls_loss", "kl", "grad_norm", "cls_grad_norm")  # NaN or inf in any stops a run
 CLIP_KEYS = ("cls_grad_norm", "cls_grad_clipped", "cls_pg_grad_ratio", "joint_clip_pg_scale",
              "adam_pg_step_scale")  # clip_stats, adam_pg_step_scale
 
@@ -1002,24 +1013,27 @@ def step_stats(t: dict, cfg: Config, m, logp_old, flawed, y) -> dict:
 
 def update_stats(logs: list[dict], cfg: Config, batch, policy, ref, labelled, n_informative: int) -> dict:
     """Means of the logged terms over the update's optimizer steps, with one host sync. "nonfinite" names
-    the first term that was NaN or infinite in any step (None if all were finite)."""
+    the first term that was NaN or infinite in the first step that had one (None if all were finite)."""
     out = {"pg_loss": None, "entropy": None, "clip_frac": None, "kl": None, "cls_loss": None, "cls_acc": None,
-           "cls_oracle_acc": None, "nonfinite": None}
+           "cls_oracle_acc": None, "nonfinite": None, "pg_grad_norm": None, "grad_clipped_frac": None,
+           "cos_v_w": None} | {k.replace("clipped", "clipped_frac"): None for k in CLIP_KEYS}
     if logs:  # every group tied: no step was taken
         mean = lambda k: torch.stack([s[k] for s in logs]).mean().item()  # noqa: E731
         out |= {k: mean(k) for k in ("pg_loss", "entropy", "clip_frac", "pg_grad_norm")}
         out["grad_clipped_frac"] = mean("grad_clipped")
         out["kl"] = mean("kl") if ref is not None else None
-        finite = torch.stack([s["finite"] for s in logs]).all(0).tolist()
-        out["nonfinite"] = next((k for k, ok in zip(CHECKED, finite) if not ok), None)
+        finite = torch.stack([s["finite"] for s in logs]).tolist()  # (steps, terms)
+        first_bad = next((row for row in finite if not all(row)), None)  # later steps inherit its NaN
+        out["nonfinite"] = CHECKED[first_bad.index(False)] if first_bad else None
     counted = [s for s in logs if "classified" in s]  # the steps whose classifier minibatch was not empty
     if counted:
         out["cls_loss"] = torch.stack([s["cls_loss"] for s in counted]).mean().item()
         total = lambda k: torch.stack([s[k] for s in counted]).sum().item()  # noqa: E731
         out["cls_acc"] = total("cls_correct") / total("classified")
         out["cls_oracle_acc"] = total("oracle_correct") / total("classified") if batch["has_oracle"] else None
-        out |= {k.replace("clipped", "clipped_frac"): torch.stack([s[k] for s in counted]).mean().item()
-                for k in CLIP_KEYS if k in counted[0]}
+        for k in CLIP_KEYS:  # NaN marks a step where a ratio is undefined (its denominator was 0)
+            v = torch.stack([s[k] for s in counted if k in s]).nanmean().item() if k in counted[0] else None
+            out[k.replace("clipped", "clipped_frac")] = None if v is None or math.isnan(v) else v
     if policy.cls_design == "shared":  # v and w, the two heads that read phi(s, a)
         out["cos_v_w"] = F.cosine_similarity(policy.cls_head.weight, policy.policy_head.weight).item()
     return out | {"cls_labelled_frac": labelled.float().mean().item() if labelled is not None else None,
@@ -1255,7 +1269,7 @@ def save_checkpoint(run: RunState):
                 "rng": {"numpy": run.rng.bit_generator.state, "torch_gen": run.gen.get_state(),
                         "torch": torch.get_rng_state(), "cls_gen": run.cls_gen.get_state()},
                 "iter": run.metrics[-1]["iter"], "metrics": run.metrics,
-                "config": dataclasses.asdict(run.cfg)}, path + ".tmp")
+                "config": dataclasses.asdict(run.cfg), "update": UPDATE_VERSION}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -1275,6 +1289,10 @@ def load_checkpoint(run_dir: str) -> dict:
 
 def restore(ckpt: dict, run: RunState) -> list[dict]:
     """Load a checkpoint into the run's policy, optimizer, reference and RNGs; returns its metric rows."""
+    if ckpt["metrics"][-1]["iter"] > 0 and ckpt.get("update", 1) != UPDATE_VERSION:
+        raise TrainingError(f"the checkpoint was trained by update {ckpt.get('update', 1)} (one clip on the "
+                            f"summed gradient), this code is update {UPDATE_VERSION}; a resumed run would "
+                            f"mix the two. Start anew with --overwrite")
     try:
         run.policy.load_state_dict(ckpt["model"])
         run.opt.load_state_dict(ckpt["optimizer"])
@@ -1308,6 +1326,7 @@ def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | 
         return None
     path = (cfg.baseline if cfg.baseline != "auto"
             else os.path.join(HERE, "results", "reference", f"{short_name(cfg.env)}-plain-seed{cfg.seed}"))
+    differ = []
     try:
         saved = json.load(open(os.path.join(path, "config.json")))
         rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
@@ -1328,7 +1347,7 @@ def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | 
                     "iteration 0)")
     if cfg.baseline != "auto":
         print(f"note: --baseline {path} {why}; not shown", file=sys.stderr)
-    elif os.path.exists(path):
+    elif os.path.exists(path) and not differ:  # the default config's reference, refused: say how to remake it
         print(f"note: the stored plain-GRPO run {os.path.relpath(path)} {why}, so it is not shown; "
               f"make reference regenerates it on this machine", file=sys.stderr)
     return None
@@ -1497,6 +1516,7 @@ def check_resume(saved: dict, given: dict):
 
 def main(argv=None):
     cfg, checkpoint = parse_args(argv)
+    made = not os.path.exists(cfg.out)
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
@@ -1514,6 +1534,8 @@ def main(argv=None):
     try:
         summary = train(cfg, checkpoint)
     except TrainingError as e:
+        if made and not os.listdir(cfg.out):  # nothing written: leave no empty folder behind
+            os.rmdir(cfg.out)
         print(f"grpo_cls.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:

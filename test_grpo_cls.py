@@ -417,10 +417,10 @@ def test_bad_arguments_exit_2_with_one_line_and_no_traceback(args, says, capsys)
 
 
 @pytest.mark.parametrize("args", [["--env-kwargs", '{"nope": 1}'], ["--env", "grid", "--env-kwargs", '{"size": "x"}'],
-                                  ["--out", "{tmp}/file/run"]])
+                                  ["--out", "{tmp}/file/run"], ["--env", "FrozenLake-v1", "--cls-weight", "0.5", "--threads", "1"]])
 def test_bad_env_kwargs_or_run_folder_write_nothing(args, tmp_path, capsys):
-    """An env constructor that refuses its kwargs, or a run folder that cannot be made: exit 2 before any
-    file is written."""
+    """An env constructor that refuses its kwargs, a run folder that cannot be made, or a label source the
+    env cannot give (FrozenLake has no oracle): exit 2, and no file or folder is left behind."""
     (tmp_path / "file").write_text("a file, not a folder")
     args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
     with pytest.raises(SystemExit) as stop:
@@ -527,6 +527,20 @@ def test_resume_refuses_to_change_the_annealed_length_or_to_turn_on_the_kl(tmp_p
     for flags, says in ((["--iters", "4"], "cannot change --iters"), (["--beta", "0.1"], "cannot turn on --beta")):
         r = cli("--resume", str(tmp_path / "run"), *flags)
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_resume_refuses_a_checkpoint_trained_by_the_older_update(tmp_path, capsys):
+    """A run trained with one clip on the summed gradient (no "update" in its checkpoint) cannot continue
+    under the per-stream clip: the result would be neither."""
+    g.main(TINY_ARGS + ["--iters", "2", "--anneal-lr", "0", "--out", str(tmp_path / "run")])
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    del ckpt["update"]
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        g.main(["--resume", str(tmp_path / "run"), "--iters", "3", "--quiet"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "trained by update 1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
@@ -789,7 +803,8 @@ def test_separate_classifier_reads_the_action_as_a_token_and_leaves_the_pair_mlp
 
 
 @pytest.mark.parametrize("arm", [{"cls_weight": 0.5, "cls_labels": "step"}, {"cls_weight": 0.5, "cls_labels": "oracle"},
-                                 {"adv": "gigpo"}, {"cls_weight": 0.5, "cls_design": "separate"}, {"beta": 0.1}])
+                                 {"adv": "gigpo"}, {"cls_weight": 0.5, "cls_design": "separate"}, {"beta": 0.1},
+                                 {"cls_weight": 0.5, "beta": 0.1}])
 def test_compare_runs_from_the_shared_cold_start_exactly_as_a_fresh_run(tmp_path, arm, monkeypatch):
     common = dict(env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, quiet=True)  # groups differ
     fresh = tiny(out=str(tmp_path / "fresh"), **common, **arm)
@@ -846,7 +861,7 @@ def fair_plain(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arm", [{"cls_labels": "advantage"}, {"cls_labels": "oracle"}, {"cls_labels": "step"},
-                                 {"cls_labels": "oracle", "cls_design": "separate"}])
+                                 {"cls_labels": "loop"}, {"cls_labels": "oracle", "cls_design": "separate"}])
 def test_fair_update_a_classifier_weighted_zero_trains_the_policy_bit_for_bit_as_plain_grpo(tmp_path, monkeypatch,
                                                                                             arm, fair_plain):
     """The classifier is built, labelled and in the loss, but its term is multiplied by 0: the policy's
@@ -888,7 +903,9 @@ def test_each_stream_is_clipped_on_its_own_so_a_large_classifier_gradient_never_
         stats[w] = g.grpo_update(policy, None, torch.optim.SGD(policy.parameters(), lr=1.0), arm, batch, A, None,
                                  gen, device)
         heads[w] = policy.policy_head.weight.detach() - before
-        if w:  # Adam's second moment, shared with the classifier's gradient, changes the policy gradient's step
+        if w:
+            cos_v_w = torch.nn.functional.cosine_similarity(policy.cls_head.weight, policy.policy_head.weight).item()
+            assert stats[w]["cos_v_w"] == pytest.approx(cos_v_w, abs=1e-6)  # Adam's second moment, shared with the classifier's gradient, changes the policy gradient's step
             adam = torch.optim.Adam(policy.parameters())
             scale = g.grpo_update(policy, None, adam, arm, batch, A, None, gen, device)["adam_pg_step_scale"]
             assert abs(scale - 1) > 0.1  # (a classifier weighted 0 leaves it at 1: the fair-update test)
@@ -897,8 +914,51 @@ def test_each_stream_is_clipped_on_its_own_so_a_large_classifier_gradient_never_
     assert stats[0.0]["pg_grad_norm"] == stats[1000.0]["pg_grad_norm"]
     big = stats[1000.0]
     assert big["cls_grad_clipped_frac"] == 1.0 and big["cls_pg_grad_ratio"] > 1 and big["joint_clip_pg_scale"] < 1
-    assert -1 <= big["cos_v_w"] <= 1
     assert all(stats[0.0].get(k) is None for k in ("cls_grad_norm", "cls_pg_grad_ratio", "cos_v_w"))
+
+
+def test_a_non_finite_classifier_gradient_is_caught_before_it_reaches_the_policy():
+    """The classifier's gradient is clipped on its own, so an inf there would turn into NaN weights
+    (inf * 0) without the policy-gradient norm ever seeing it: its own norm is checked too."""
+    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, cls_weight=1e39)
+    batch, A = random_grid_batch(cfg)
+    device, tok, policy, gen, rng = g.build(cfg)
+    stats = g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), cfg, batch, A, None, gen, device)
+    assert stats["nonfinite"] == "cls_grad_norm"
+    with pytest.raises(g.TrainingError, match="cls_grad_norm is not finite"):
+        g.check_finite(stats, 1, cfg)
+
+
+def test_the_shadow_second_moment_keeps_pace_with_adam_when_a_step_has_no_classifier_share(monkeypatch):
+    """adam_pg_step_scale compares Adam's second moment with one that saw the policy gradient alone. With
+    the classifier weighted 0 the two are the same average, so the scale is 1, also after an update in
+    which no step was labelled (the shadow must advance on every optimizer step, as Adam's own does)."""
+    real = g.classification_loss
+    monkeypatch.setattr(g, "classification_loss", lambda c, y, labelled: 0.0 * real(c, y, labelled))
+    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, cls_weight=0.5,
+               cls_labels="step")
+    batch, A = random_grid_batch(cfg)
+    device, tok, policy, gen, rng = g.build(cfg)
+    adam = torch.optim.Adam(policy.parameters())
+    n = len(batch["action"])
+    none = (torch.zeros(n), torch.zeros(n, dtype=torch.bool))
+    assert g.grpo_update(policy, None, adam, cfg, batch, A, none, gen, device)["adam_pg_step_scale"] is None
+    every = (torch.zeros(n), torch.ones(n, dtype=torch.bool))
+    stats = g.grpo_update(policy, None, adam, cfg, batch, A, every, gen, device)
+    assert stats["adam_pg_step_scale"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_ratio_whose_denominator_is_zero_is_logged_as_null_not_infinity():
+    """With every advantage 0 the policy gradient is 0: the classifier-to-policy-gradient ratio and the
+    Adam scale are undefined, and metrics.jsonl must stay strict JSON."""
+    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, cls_weight=0.5)
+    batch, A = random_grid_batch(cfg)
+    device, tok, policy, gen, rng = g.build(cfg)
+    stats = g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), cfg, batch, torch.zeros_like(A),
+                          None, gen, device)
+    assert stats["cls_pg_grad_ratio"] is None and stats["adam_pg_step_scale"] is None
+    assert stats["cls_grad_norm"] > 0
+    json.dumps(stats, allow_nan=False)
 
 
 def test_the_classifier_stream_runs_in_pieces_of_at_most_a_minibatch_with_the_loss_and_gradient_of_one_pass(
@@ -918,6 +978,10 @@ def test_the_classifier_stream_runs_in_pieces_of_at_most_a_minibatch_with_the_lo
     monkeypatch.setattr(g, "classifier_verdict", lambda p, xs, *r: sizes.append(len(xs)) or real(p, xs, *r))
     c, cls_loss, grads = g.classifier_stream(policy, cfg, x, m, a, y, labelled, jdx, params)
     assert sizes == [64, 64, 64] and c.shape == (150,)
+    for n, pieces in ((10, [64]), (128, [64, 64])):  # a short share is padded; an exact multiple is not
+        sizes.clear()
+        assert g.classifier_stream(policy, cfg, x, m, a, y, labelled, jdx[:n], params)[0].shape == (n,)
+        assert sizes == pieces
     whole = g.classification_loss(real(policy, x[jdx], m[jdx], a[jdx]), y[jdx], labelled[jdx])
     assert cls_loss.item() == pytest.approx(whole.item(), rel=1e-5)
     assert torch.allclose(c, real(policy, x[jdx], m[jdx], a[jdx]), atol=1e-5)
@@ -1178,6 +1242,15 @@ def test_a_stored_reference_from_another_cold_start_is_refused_with_a_line_that_
     assert "starts from another cold start" in err and "make reference" in err
     assert len([line for line in err.splitlines() if line.startswith("note:")]) == 1
     assert "baseline" not in json.load(open(tmp_path / "cls" / "summary.json"))
+    (ref / "metrics.jsonl").write_text("\n".join(rows))  # the same cold start, but made by the older update
+    config = json.loads((ref / "config.json").read_text())
+    del config["update"]
+    (ref / "config.json").write_text(json.dumps(config))
+    g.main(TINY_ARGS + ["--cls-weight", "0.5", "--out", str(tmp_path / "cls2"), "--seed", "1"])
+    err = capsys.readouterr().err
+    assert "older update" in err and "make reference" in err
+    g.main(TINY_ARGS + ["--cls-weight", "0.5", "--out", str(tmp_path / "cls3"), "--seed", "1", "--lr", "0.002"])
+    assert "note:" not in capsys.readouterr().err  # another config: make reference would not help, so no note
 
 
 def test_compare_reuses_a_finished_run_only_when_every_field_that_can_change_it_matches(tmp_path):

@@ -322,18 +322,19 @@ OPTIMIZER_KEYS = (("grad_clipped_frac", "share of steps whose policy-gradient cl
 
 
 def optimizer_section(run_dirs: list[str]) -> list[str]:
-    """The clip and Adam logs of finished classifier runs (metrics.jsonl), as means over iterations 1-10,
-    11 to the end, and all: what the two streams' sharing of one optimizer does to the policy gradient."""
+    """The clip and Adam logs of finished classifier runs (metrics.jsonl), as means of the per-iteration
+    values over iterations 1-10, 11 to the end, and all, and the last iteration's value: what the two
+    streams' sharing of one optimizer does to the policy gradient."""
     lines = []
     for run_dir in run_dirs:
         cfg = json.load(open(os.path.join(run_dir, "config.json")))
         rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][1:]
         lines += ["", f"### `{run_dir}`: {cfg['env']}, seed {cfg['seed']}, cls_weight {cfg['cls_weight']}, "
                       f"{cfg['cls_labels']} labels, {len(rows)} iterations", "",
-                  "| log | what it is | iterations 1-10 | 11 to the end | all |", "|---|---|---|---|---|"]
+                  "| log | what it is | iterations 1-10 | 11 to the end | all | last |", "|---|---|---|---|---|---|"]
         for key, what in OPTIMIZER_KEYS:
             cells = []
-            for part in (rows[:10], rows[10:], rows):
+            for part in (rows[:10], rows[10:], rows, rows[-1:]):
                 v = [r[key] for r in part if r.get(key) is not None]
                 cells.append(f"{np.mean(v):.3f}" if v else "n/a")
             lines.append(f"| `{key}` | {what} | " + " | ".join(cells) + " |")

@@ -17,6 +17,8 @@ Both envs carry the same contract, which grpo_cls.py relies on:
     is good in the first and flawed in the second: the states where gradient coupling shows. Each
     probe's `flawed_at_twin` (A,) marks every admissible action the oracle calls flawed at the second
     state: the other flawed actions there are the within-run control for coupling.
+  - `twin_pairs(n, seed)` samples n such pairs, with the same keys, from states a noisy scripted agent
+    visits on training tasks: many pairs over a range of overlaps, where twin_probes() has four.
   - Kitchen's `info["state_key"]` is what the agent sees with its own action history left out (the
     observation without its "history" part); `--cls-labels loop` compares situations by it. Envs
     without one (LavaGrid, whose observation has no history) are compared by the observation.
@@ -200,6 +202,13 @@ class LavaGridEnv(gym.Env):
         risky = self.grid[nxt] == LAVA or self._near_lava(nxt)
         return bool(risky or self.dist[nxt] != self.dist[cell] - 1)
 
+    def is_risky(self, cell, action: int) -> bool:
+        """The move lands in lava or beside it (a wall bump stays put, and is judged where it stays)."""
+        dr, dc = MOVES[action]
+        nxt = (cell[0] + dr, cell[1] + dc)
+        nxt = cell if self.grid[nxt] == WALL else nxt
+        return bool(self.grid[nxt] == LAVA or (self.grid[nxt] != GOAL and self._near_lava(nxt)))
+
     def optimal_action(self) -> int:
         """The scripted optimal policy: the first move that is not flawed."""
         return next((a for a in range(len(MOVES)) if not self.is_flawed(self.agent, a)), 0)
@@ -252,6 +261,39 @@ class LavaGridEnv(gym.Env):
                         "task": task, "cell_good": (int(r), int(c)), "cell_flawed": twin,
                         "note": f"layout {task}: '{MOVE_NAMES[a]}' at {(int(r), int(c))} vs {twin}"}
         return None
+
+    def twin_pairs(self, n: int = 64, seed: int = 0, noise: float = 0.3) -> list[dict]:
+        """n twin pairs sampled from training layouts, one a layout: two cells that a noisy scripted agent
+        (chance `noise` of a random move) visits in one episode, and a move good at the first and wasteful
+        at the second (a wall bump or a detour). Any two cells of a layout are 2 tokens apart (where the
+        agent is, and is not), so the pairs run from neighbours to the far side of the room: a range of
+        overlaps. Lava-edge twins, where the move is risky at the flawed twin, are left out as in
+        twin_probes: the outcome reward punishes a risky move directly. Same keys as twin_probes()."""
+        env, rng, pairs = LavaGridEnv("train", self.size, self.n_lava, self.n_wall, self.slip_prob), \
+            np.random.default_rng(seed), []
+        while len(pairs) < n:
+            task = int(rng.integers(2**31 - 1))
+            env.reset(seed=int(rng.integers(2**31 - 1)), options={"task": task})
+            cells, done = [env.agent], False
+            while not done:
+                a = int(rng.integers(len(MOVES))) if rng.random() < noise else env.optimal_action()
+                _, _, term, trunc, _ = env.step(a)
+                done = term or trunc
+                if not done and env.agent not in cells:
+                    cells.append(env.agent)
+            found = [(c1, c2, a) for c1 in cells for c2 in cells for a in range(len(MOVES)) if c1 != c2
+                     and not env.is_flawed(c1, a) and env.is_flawed(c2, a) and not env.is_risky(c2, a)]
+            if not found:
+                continue
+            c1, c2, a = found[rng.integers(len(found))]
+            good, bad = env.grid.copy(), env.grid.copy()
+            good[c1], bad[c2] = AGENT, AGENT
+            pairs.append({"obs_good": good, "obs_flawed": bad, "action": a, "mask_good": np.ones(4, np.int8),
+                          "mask_flawed": np.ones(4, np.int8),
+                          "flawed_at_twin": np.array([env.is_flawed(c2, b) for b in range(len(MOVES))]),
+                          "task": task, "cell_good": c1, "cell_flawed": c2,
+                          "note": f"layout {task}: '{MOVE_NAMES[a]}' at {c1} vs {c2}"})
+        return pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,6 +544,62 @@ class KitchenEnv(gym.Env):
                            "goal_good": goal_good, "state_good": s_good, "goal_flawed": goal_bad,
                            "state_flawed": s_bad, "note": f"'{command}': {note}"})
         return probes
+
+    def twin_pairs(self, n: int = 64, seed: int = 0, noise: float = 0.3, episodes: int = 300) -> list[dict]:
+        """n twin pairs sampled from the states a noisy scripted agent (chance `noise` of a random
+        admissible command) visits on `episodes` training tasks. A pair is a visited state under its own
+        goal and the same state under another training goal one or two words away (another goal
+        receptacle, or another object lying where the task's object lies), with a command the oracle
+        calls good under one goal and flawed under the other. `visited` says which side the agent saw:
+        the other is a goal of the training family in a state its agent may or may not reach. At most
+        one pair per visited state. Same keys as twin_probes()."""
+        env, rng = KitchenEnv(split="train", max_steps=self.max_steps), np.random.default_rng(seed)
+        visited = []
+        for _ in range(episodes):
+            env.reset(options={"task": int(rng.integers(2**31 - 1))})
+            done = False
+            while not done:
+                visited.append((env.goal, env.state, list(env.history)))
+                legal = [i for i, c in enumerate(self.commands) if self.admissible(env.state, c)]
+                a = int(rng.choice(legal)) if rng.random() < noise else env.optimal_action()
+                _, _, term, trunc, _ = env.step(a)
+                done = term or trunc
+        pairs = []
+        for i in rng.permutation(len(visited)):
+            goal, s, history = visited[i]
+            words = self.describe(goal, s, history).split()
+            for twin in self.goal_twins(goal, s):
+                other = self.describe(twin, s, history).split()
+                if len(other) != len(words) or sum(x != y for x, y in zip(words, other)) > 2:
+                    continue
+                mask = np.array([self.admissible(s, c) for c in self.commands])
+                flawed = {g: env.flawed_commands(g, s) & mask for g in (goal, twin)}
+                flips = np.flatnonzero(mask & (flawed[goal] != flawed[twin]))
+                if not len(flips):
+                    continue
+                a = int(rng.choice(flips))
+                good, bad = (twin, goal) if flawed[goal][a] else (goal, twin)
+                pairs.append({"obs_good": self.describe(good, s, history),
+                              "obs_flawed": self.describe(bad, s, history), "action": a,
+                              "mask_good": mask.astype(np.int8), "mask_flawed": mask.astype(np.int8),
+                              "flawed_at_twin": flawed[bad], "goal_good": good, "state_good": s,
+                              "goal_flawed": bad, "state_flawed": s,
+                              "visited": "good" if good == goal else "flawed",
+                              "note": f"'{self.commands[a]}': {good} vs {bad}"})
+                break
+            if len(pairs) == n:
+                return pairs
+        raise ValueError(f"only {len(pairs)} twin pairs in {episodes} episodes; ask for more episodes")
+
+    @staticmethod
+    def goal_twins(goal, s: KitchenState) -> list[tuple[str, str, bool]]:
+        """The training goals one change from `goal` that state `s` can hold: another goal receptacle,
+        or another object (one not in hand) at the same receptacle as the task's object."""
+        obj, target, clean = goal
+        others = [(obj, r, clean) for r in GOAL_RECEPTACLES if r != target]
+        others += [(o, target, clean) for o in OBJECTS if o != obj and o in s.where
+                   and s.where[o] == s.where.get(obj)]
+        return [g for g in others if not kitchen_is_heldout(*g)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -317,6 +317,39 @@ def test_twin_probes_differ_in_at_most_two_tokens_and_flip_the_oracle(env_id):
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
+def test_sampled_twin_pairs_come_from_the_training_family_differ_in_one_or_two_tokens_and_flip_the_oracle(env_id):
+    """twin_pairs(): the pairs a coupling measure averages over. Each is two observations of the training
+    family one or two tokens apart, and an admissible action the oracle calls good in the first and
+    wasteful or wrong in the second; the same seed gives the same pairs, another seed others."""
+    env = gym.make(env_id).unwrapped
+    tok = g.Tokenizer(gym.make(env_id))
+    pairs = env.twin_pairs(64, seed=0)
+    assert len(pairs) == 64 and len({(str(p["obs_good"]), str(p["obs_flawed"])) for p in pairs}) >= 60
+    for p in pairs:
+        diff = (tok.encode(p["obs_good"]) != tok.encode(p["obs_flawed"])).sum()
+        assert 1 <= diff <= 2, p["note"]
+        assert p["mask_good"][p["action"]] and p["mask_flawed"][p["action"]] and p["flawed_at_twin"][p["action"]]
+        if "Kitchen" in env_id:
+            command = env.commands[p["action"]]
+            assert not envs.kitchen_is_heldout(*p["goal_good"]) and not envs.kitchen_is_heldout(*p["goal_flawed"])
+            assert not kitchen_at(p["goal_good"], p["state_good"]).is_flawed(command)
+            assert kitchen_at(p["goal_flawed"], p["state_flawed"]).is_flawed(command)
+        else:
+            env.reset(options={"task": p["task"]})
+            assert not envs.grid_is_heldout_goal(*np.argwhere(env.grid == envs.GOAL)[0])
+            assert not env.is_flawed(p["cell_good"], p["action"]) and env.is_flawed(p["cell_flawed"], p["action"])
+            assert not env.is_risky(p["cell_flawed"], p["action"])  # lava-edge twins are left out
+    if "Kitchen" in env_id:
+        assert {p["visited"] for p in pairs} == {"good", "flawed"}
+    else:  # any two cells of a layout are two tokens apart: pairs from neighbours to across the room
+        apart = [abs(p["cell_good"][0] - p["cell_flawed"][0]) + abs(p["cell_good"][1] - p["cell_flawed"][1])
+                 for p in pairs]
+        assert min(apart) == 1 and max(apart) >= 4
+    assert [p["note"] for p in env.twin_pairs(8, seed=0)] == [p["note"] for p in pairs[:8]]
+    assert [p["note"] for p in env.twin_pairs(8, seed=1)] != [p["note"] for p in pairs[:8]]
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
 @pytest.mark.parametrize("bad", [-1, 99, 1.5, "up"])
 def test_out_of_space_action_raises_a_clear_error(env_id, bad):
     env = gym.make(env_id).unwrapped

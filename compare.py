@@ -78,7 +78,7 @@ def cold_start_checkpoint(cfg) -> None:
     checkpoint, here into cfg.out."""
     device, tok, policy, gen, rng = g.build(cfg)
     train_envs = g.make_envs(cfg, cfg.tasks_per_iter * cfg.num_generations)
-    evaluation = g.Evaluation(cfg, tok, device, probes=train_envs[0].unwrapped.twin_probes())
+    evaluation = g.Evaluation(cfg, tok, device, *g.probes_and_pairs(cfg, train_envs[0]))
     run = g.RunState(cfg, policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr), None, gen, rng,
                      cls_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1))
     os.makedirs(cfg.out, exist_ok=True)

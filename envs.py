@@ -545,16 +545,16 @@ class KitchenEnv(gym.Env):
                            "state_flawed": s_bad, "note": f"'{command}': {note}"})
         return probes
 
-    def twin_pairs(self, n: int = 64, seed: int = 0, noise: float = 0.3, episodes: int = 300) -> list[dict]:
+    def twin_pairs(self, n: int = 64, seed: int = 0, noise: float = 0.3, episodes: int = 0) -> list[dict]:
         """n twin pairs sampled from the states a noisy scripted agent (chance `noise` of a random
         admissible command) visits on `episodes` training tasks. A pair is a visited state under its own
         goal and the same state under another training goal one or two words away (another goal
         receptacle, or another object lying where the task's object lies), with a command the oracle
         calls good under one goal and flawed under the other. `visited` says which side the agent saw:
         the other is a goal of the training family in a state its agent may or may not reach. At most
-        one pair per visited state. Same keys as twin_probes()."""
+        one pair per visited state; `episodes` defaults to 5 n. Same keys as twin_probes()."""
         env, rng = KitchenEnv(split="train", max_steps=self.max_steps), np.random.default_rng(seed)
-        visited = []
+        visited, episodes = [], episodes or 5 * n
         for _ in range(episodes):
             env.reset(options={"task": int(rng.integers(2**31 - 1))})
             done = False

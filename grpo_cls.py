@@ -131,6 +131,8 @@ class Config:
     n_heads: int = arg(4, "attention heads")
     eval_every: int = arg(20, "evaluate every N iterations (and at the last)")
     diag_every: int = arg(2, "run the twin-probe diagnostics every N iterations (~30 ms each)")
+    twin_pairs: int = arg(64, "sampled twin pairs (the env's twin_pairs(), seeded by --seed) logged with the "
+                          "probes, with their gradient cosines at each evaluation (0 = none)")
     eval_tasks: int = arg(128, "fixed task instances per evaluation split (in-domain and held-out)")
     device: str = arg("auto", "auto picks cuda when available", ("auto", "cpu", "cuda"))
     threads: int = arg(2, "torch CPU threads")
@@ -682,6 +684,42 @@ def probe_diagnostics(policy, tok, probes, device, use_mask=True) -> dict:
             "probe_control_probs": control_prob}
 
 
+def pair_diagnostics(policy, tok, pairs: list, device, use_mask=True, with_grads=False) -> dict:
+    """Over P sampled twin pairs (s_good, s_flawed, a), per pair: pi(a|s_good), pi(a|s_flawed), the mean
+    pi at s_flawed of the other flawed actions (the control), and the cosine of phi(s_good, a) and
+    phi(s_flawed, a). with_grads adds the cosine of the gradients of log pi(a|s_good) and log pi(a|s_flawed),
+    the overlap that carries coupling: one backward pass per observation, 2P of them (torch.func.vmap
+    over this model's attention backward was 3x slower on the CPU)."""
+    obs = [p[k] for p in pairs for k in ("obs_good", "obs_flawed")]
+    x = torch.as_tensor(np.stack([tok.encode(o) for o in obs]), device=device)            # (2P, L)
+    masks = np.stack([p[k] for p in pairs for k in ("mask_good", "mask_flawed")]).astype(bool)
+    m = torch.as_tensor(masks if use_mask else np.ones_like(masks), device=device)        # (2P, A)
+    a = torch.as_tensor([p["action"] for p in pairs], device=device)                     # (P,)
+    with torch.no_grad():
+        out = [policy(xc, mc) for xc, mc in zip(x.split(FORWARD_CHUNK), m.split(FORWARD_CHUNK))]
+        pi = torch.softmax(torch.cat([o[0] for o in out]), -1).view(len(pairs), 2, -1)   # (P, 2, A)
+        phi = torch.cat([o[1] for o in out])                                              # (2P, A, d)
+        phi = phi.view(len(pairs), 2, *phi.shape[1:])                                     # (P, 2, A, d)
+    rows = torch.arange(len(pairs), device=device)
+    others = torch.as_tensor(np.stack([p["flawed_at_twin"] for p in pairs]), device=device).clone()
+    others[rows, a] = False                                                               # (P, A)
+    control = (pi[:, 1] * others).sum(1) / others.sum(1).clamp(min=1)
+    sig = lambda t: [float(f"{v:.6g}") for v in t.tolist()]  # noqa: E731  (tail probabilities keep digits)
+    row = {"pair_good_probs": sig(pi[rows, 0, a]), "pair_flawed_probs": sig(pi[rows, 1, a]),
+           "pair_control_probs": [v if n else None for v, n in zip(sig(control), others.sum(1).tolist())],
+           "pair_embed_cos": sig(F.cosine_similarity(phi[rows, 0, a], phi[rows, 1, a], dim=-1)),
+           "pair_flawed_prob": float(pi[rows, 1, a].mean())}
+    if with_grads:
+        params = [q for n, q in policy.named_parameters() if not n.startswith("cls_")]  # what pi reads
+        grads = []
+        for i in range(len(obs)):                                                         # (2P, n_params)
+            logp = torch.log_softmax(policy(x[i:i + 1], m[i:i + 1])[0], -1)[0, a[i // 2]]
+            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(logp, params)]))
+        grads = torch.stack(grads).view(len(pairs), 2, -1)
+        row["pair_grad_cos"] = sig(F.cosine_similarity(grads[:, 0], grads[:, 1], dim=-1))
+    return row
+
+
 def evaluate(policy, tok, eval_envs, gen, device, use_mask=True) -> dict:
     """Sampled (not greedy) episodes on fixed tasks 0..n-1: greedy decoding would hide the flawed
     actions that the policy still takes with small probability."""
@@ -746,7 +784,7 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
     device, tok, policy, gen, rng = build(cfg)
     K, G = cfg.tasks_per_iter, cfg.num_generations
     train_envs = make_envs(cfg, K * G)
-    evaluation = Evaluation(cfg, tok, device, probes=getattr(train_envs[0].unwrapped, "twin_probes", list)())
+    evaluation = Evaluation(cfg, tok, device, *probes_and_pairs(cfg, train_envs[0]))
     check_label_source(cfg, train_envs[0])
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     cls_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the classifier's own sample stream
@@ -779,6 +817,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
             elif evaluation.probes and it % cfg.diag_every == 0:
                 with log.timer("diag"):
                     stats |= probe_diagnostics(policy, tok, evaluation.probes, device, evaluation.use_mask)
+                    if evaluation.pairs:
+                        stats |= pair_diagnostics(policy, tok, evaluation.pairs, device, evaluation.use_mask)
             # 5. log, and checkpoint at each evaluation and on Ctrl-C
             log.write(it, batch, R, A, stats)
             if it % cfg.eval_every == 0 or it == cfg.iters or stop.requested:
@@ -808,13 +848,14 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "c
 ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "success_rate",
             "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
             "probe_flawed_probs", "probe_control_probs", "grad_cos_twin", "grad_cos_twin_each",
-            "embed_cos_good_bad", "embed_cos_each", "probe_action_probs", "adv_flawed_mean",
-            "adv_good_mean", "zero_std_frac", "pg_loss", "cls_loss", "kl", "entropy", "clip_frac",
-            "cls_acc", "cls_oracle_acc", "cls_labelled_frac", "pg_grad_norm", "grad_clipped_frac",
-            "cls_grad_norm", "cls_grad_clipped_frac", "cls_pg_grad_ratio", "joint_clip_pg_scale",
-            "adam_pg_step_scale", "cos_v_w", "eval_return", "ood_eval_return", "update_samples",
-            "opt_steps", "rss_mib", "peak_rss_mib", "time_rollout_s", "time_update_s", "time_eval_s",
-            "time_diag_s")
+            "embed_cos_good_bad", "embed_cos_each", "probe_action_probs", "pair_good_probs",
+            "pair_flawed_probs", "pair_control_probs", "pair_embed_cos", "pair_grad_cos",
+            "pair_flawed_prob", "adv_flawed_mean", "adv_good_mean", "zero_std_frac", "pg_loss", "cls_loss",
+            "kl", "entropy", "clip_frac", "cls_acc", "cls_oracle_acc", "cls_labelled_frac", "pg_grad_norm",
+            "grad_clipped_frac", "cls_grad_norm", "cls_grad_clipped_frac", "cls_pg_grad_ratio",
+            "joint_clip_pg_scale", "adam_pg_step_scale", "cos_v_w", "eval_return", "ood_eval_return",
+            "update_samples", "opt_steps", "rss_mib", "peak_rss_mib", "time_rollout_s", "time_update_s",
+            "time_eval_s", "time_diag_s")
 
 
 # -- observations to tokens: the vocabulary comes from what the env declares, never from data ----------
@@ -931,6 +972,8 @@ def check_config(cfg: Config):
         if kwargs:
             raise ValueError(f"--env-kwargs {cfg.env_kwargs} do not fit {cfg.env}: {why}")
         raise ValueError(f"--env {cfg.env} cannot be made: {why}")
+    if cfg.twin_pairs < 0:
+        raise ValueError(f"--twin-pairs must be >= 0, got {cfg.twin_pairs}")
     for name in ("iters", "tasks_per_iter", "num_iterations", "minibatch_size", "eval_every", "diag_every",
                  "eval_tasks", "d_model", "n_layers", "n_heads", "threads"):
         if getattr(cfg, name) < 1:
@@ -963,6 +1006,16 @@ def check_config(cfg: Config):
 def short_name(env_id: str) -> str:
     """'text' or 'grid' for our envs, the id with '/' made '_' for any other: run and reference folders."""
     return {v: k for k, v in ENV_ALIASES.items()}.get(env_id, env_id.replace("/", "_"))
+
+
+def probes_and_pairs(cfg: Config, env: gym.Env) -> tuple[list, list]:
+    """The env's four hand-built twin probes and --twin-pairs sampled pairs (seeded by --seed, so paired
+    arms of one seed read the same pairs); [] where the env has none."""
+    base = env.unwrapped
+    probes = getattr(base, "twin_probes", list)()
+    has_pairs = cfg.twin_pairs > 0 and hasattr(base, "twin_pairs")
+    pairs = base.twin_pairs(cfg.twin_pairs, seed=cfg.seed) if has_pairs else []
+    return probes, pairs
 
 
 def check_label_source(cfg: Config, env: gym.Env):
@@ -1059,8 +1112,8 @@ class Evaluation:
     """The fixed in-domain and held-out tasks, the twin probes, and a generator reseeded at every call so
     that every evaluation sees the same sampling noise. evaluation(policy, it) -> its metrics."""
 
-    def __init__(self, cfg: Config, tok, device, probes: list):
-        self.cfg, self.tok, self.device, self.probes = cfg, tok, device, probes
+    def __init__(self, cfg: Config, tok, device, probes: list, pairs: list):
+        self.cfg, self.tok, self.device, self.probes, self.pairs = cfg, tok, device, probes, pairs
         self.use_mask = cfg.action_mask == "env"
         self.envs = {"": make_envs(cfg, cfg.eval_tasks), "ood_": make_envs(cfg, cfg.eval_tasks, "heldout")}
         self.gen = torch.Generator(device=device)
@@ -1079,6 +1132,8 @@ class Evaluation:
         t1 = time.perf_counter()
         if self.probes:
             row |= probe_diagnostics(policy, self.tok, self.probes, self.device, self.use_mask)
+        if self.pairs:  # with the gradient cosines (2P backward passes) at evaluations only
+            row |= pair_diagnostics(policy, self.tok, self.pairs, self.device, self.use_mask, with_grads=True)
         return row | {"time_eval_s": round(t1 - t0, 4), "time_diag_s": round(time.perf_counter() - t1, 4)}
 
 
@@ -1314,14 +1369,14 @@ def restore(ckpt: dict, run: RunState) -> list[dict]:
 HERE = os.path.dirname(os.path.abspath(__file__))
 UPDATE_VERSION = 2  # config.json's "update": 2 clips each stream on its own; a run without it had one clip
 NOT_COMPARED = ("cls_weight", "cls_labels", "cls_design", "out", "overwrite", "resume", "quiet",
-                "no_plots", "baseline", "device", "threads")  # where a baseline may differ from its run
+                "no_plots", "baseline", "device", "threads", "twin_pairs")  # where a baseline may differ
 
 
 def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | None:
     """The stored plain-GRPO run to set beside this classifier run: (its folder, its metrics rows), or None.
     Its config must be this run's but for NOT_COMPARED, and its iteration 0 this run's (the same cold
     start). A stored run that fails either check gets a one-line note saying why; 'auto' is silent only
-    where no stored run exists for this env and seed."""
+    where no stored run exists for this env and seed. Missing fields count at their defaults."""
     if cfg.baseline == "none" or cfg.cls_weight == 0 or not metrics:
         return None
     path = (cfg.baseline if cfg.baseline != "auto"
@@ -1335,7 +1390,7 @@ def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | 
         why = "has no readable config.json and metrics.jsonl"
     else:
         mine = dataclasses.asdict(cfg)
-        differ = [k for k in mine if k not in NOT_COMPARED and saved.get(k) != mine[k]]
+        differ = [k for k in mine if k not in NOT_COMPARED and saved.get(k, getattr(Config, k)) != mine[k]]
         same_start = all(rows[0].get(k) == metrics[0].get(k) for k in ("success_rate", "flawed_rate",
                                                                       "probe_flawed_prob"))
         old = saved.get("update", 1) != UPDATE_VERSION
@@ -1347,9 +1402,10 @@ def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | 
                     "iteration 0)")
     if cfg.baseline != "auto":
         print(f"note: --baseline {path} {why}; not shown", file=sys.stderr)
-    elif os.path.exists(path) and not differ:  # the default config's reference, refused: say how to remake it
-        print(f"note: the stored plain-GRPO run {os.path.relpath(path)} {why}, so it is not shown; "
-              f"make reference regenerates it on this machine", file=sys.stderr)
+    elif os.path.exists(path):  # never silent; make reference remakes the default config's reference only
+        remake = "" if differ else "; make reference regenerates it on this machine"
+        print(f"note: the stored plain-GRPO run {os.path.relpath(path)} {why}, so it is not shown{remake}",
+              file=sys.stderr)
     return None
 
 

@@ -345,8 +345,8 @@ def test_sampled_twin_pairs_come_from_the_training_family_differ_in_one_or_two_t
         apart = [abs(p["cell_good"][0] - p["cell_flawed"][0]) + abs(p["cell_good"][1] - p["cell_flawed"][1])
                  for p in pairs]
         assert min(apart) == 1 and max(apart) >= 4
-    assert [p["note"] for p in env.twin_pairs(8, seed=0)] == [p["note"] for p in pairs[:8]]
-    assert [p["note"] for p in env.twin_pairs(8, seed=1)] != [p["note"] for p in pairs[:8]]
+    eight = [p["note"] for p in env.twin_pairs(8, seed=0)]
+    assert [p["note"] for p in env.twin_pairs(8, seed=0)] == eight != [p["note"] for p in env.twin_pairs(8, seed=1)]
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
@@ -381,7 +381,7 @@ def test_random_play_keeps_info_keys_and_observations_in_the_declared_vocabulary
 
 def tiny(**kw):
     base = dict(env="text", iters=2, tasks_per_iter=2, num_generations=2, eval_tasks=4, eval_every=1,
-                sft_steps=2, threads=1, d_model=32, out="")
+                sft_steps=2, threads=1, d_model=32, out="", twin_pairs=4)
     return g.Config(**(base | kw))
 
 
@@ -408,6 +408,30 @@ def test_identical_twins_have_cosine_one():
     assert d["grad_cos_twin"] == pytest.approx(1.0, abs=1e-5) and d["embed_cos_good_bad"] == pytest.approx(1.0, abs=1e-5)
     d = g.probe_diagnostics(policy, tok, [p], device)
     assert d["grad_cos_twin"] < 1 - 1e-4 and 0 < d["probe_flawed_prob"] < 1
+
+
+def test_pair_diagnostics_read_the_policy_at_both_twins_and_give_cosine_one_for_identical_twins():
+    """Per sampled pair: pi(a) at each twin as the policy's own softmax gives it, the control as the mean
+    pi of the other flawed actions at the flawed twin, and cosines that are 1 where the twins coincide."""
+    cfg = tiny(out="unused", cls_weight=0.5)
+    device, tok, policy, gen, rng = g.build(cfg)
+    pairs = gym.make(cfg.env).unwrapped.twin_pairs(3, seed=0)
+    d = g.pair_diagnostics(policy, tok, pairs, device, with_grads=True)
+    for k, p in enumerate(pairs):
+        for key, side in (("pair_good_probs", "good"), ("pair_flawed_probs", "flawed")):
+            x = torch.as_tensor(tok.encode(p[f"obs_{side}"]))[None]
+            with torch.no_grad():
+                pi = torch.softmax(policy(x, torch.as_tensor(p[f"mask_{side}"].astype(bool))[None])[0][0], -1)
+            assert d[key][k] == pytest.approx(pi[p["action"]].item(), rel=1e-5)
+        others = [b for b in np.flatnonzero(p["flawed_at_twin"]) if b != p["action"]]
+        assert d["pair_control_probs"][k] == pytest.approx(float(pi[others].mean()), rel=1e-5)
+        assert -1 <= d["pair_grad_cos"][k] <= 1 and -1 <= d["pair_embed_cos"][k] <= 1
+    assert min(d["pair_grad_cos"]) < 1 - 1e-5  # twins one or two words apart: close, but not the same state
+    same = [dict(p, obs_flawed=p["obs_good"]) for p in pairs]
+    d = g.pair_diagnostics(policy, tok, same, device, with_grads=True)
+    assert d["pair_grad_cos"] == pytest.approx([1.0] * 3, abs=1e-5)
+    assert d["pair_embed_cos"] == pytest.approx([1.0] * 3, abs=1e-5)
+    assert "pair_grad_cos" not in g.pair_diagnostics(policy, tok, pairs, device)  # cheap between evaluations
 
 
 def test_classifier_is_built_only_when_its_weight_is_positive():
@@ -487,9 +511,9 @@ def test_readme_flag_table_matches_the_config():
 
 def test_cli_smoke_run_writes_the_whole_run_folder(tmp_path):
     out = tmp_path / "run"
-    r = cli("--iters", "2", "--tasks-per-iter", "2", "--num-generations", "2", "--eval-tasks", "4",
+    r = cli("--iters", "3", "--tasks-per-iter", "2", "--num-generations", "2", "--eval-tasks", "4",
             "--eval-every", "1", "--sft-steps", "3", "--cls-weight", "0.5", "--cls-labels", "oracle", "--threads", "1",
-            "--out", str(out))
+            "--twin-pairs", "5", "--out", str(out))
     assert r.returncode == 0, r.stderr
     for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png",
                  "probe_heatmap.png", "episode_train_iter0002.txt", "episode_ood_iter0002.txt"):
@@ -498,7 +522,9 @@ def test_cli_smoke_run_writes_the_whole_run_folder(tmp_path):
     keys = ("iter env_steps wall_s success_rate ood_success_rate flawed_rate ood_flawed_rate probe_flawed_prob "
             "grad_cos_twin embed_cos_good_bad adv_flawed_mean adv_good_mean zero_std_frac cls_acc pg_loss "
             "cls_loss kl entropy clip_frac").split()
-    assert [r["iter"] for r in rows] == [0, 1, 2] and all(set(keys) <= set(row) for row in rows)
+    assert [r["iter"] for r in rows] == [0, 1, 2, 3] and all(set(keys) <= set(row) for row in rows)
+    assert all(len(r["pair_flawed_probs"]) == len(r["pair_embed_cos"]) == 5 for r in rows)  # the sampled pairs
+    assert all(r["pair_grad_cos"] is not None for r in rows)  # every iteration evaluates here (--eval-every 1)
     # beta = 0: no reference, so kl is null; oracle labels label every step
     assert rows[-1]["kl"] is None and rows[-1]["cls_labelled_frac"] == 1.0
     again = cli("--iters", "1", "--out", str(out))
@@ -510,8 +536,8 @@ def test_cli_smoke_run_writes_the_whole_run_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 UPDATING = ["--tasks-per-iter", "8", "--num-generations", "8", "--env", "grid", "--sft-steps", "0"]  # groups differ
-TINY_ARGS = ["--iters", "4", "--tasks-per-iter", "2", "--num-generations", "3", "--eval-tasks", "4",
-             "--eval-every", "2", "--sft-steps", "5", "--cls-weight", "0.5", "--threads", "1", "--quiet"]
+TINY_ARGS = ["--twin-pairs", "4", "--iters", "4", "--tasks-per-iter", "2", "--num-generations", "3",
+             "--eval-tasks", "4", "--eval-every", "2", "--sft-steps", "5", "--cls-weight", "0.5", "--threads", "1", "--quiet"]
 
 
 MEASURED = ("wall_s", "rss_mib", "peak_rss_mib", "time_rollout_s", "time_update_s", "time_eval_s", "time_diag_s")
@@ -1283,7 +1309,8 @@ def test_a_stored_reference_from_another_cold_start_is_refused_with_a_line_that_
     err = capsys.readouterr().err
     assert "older update" in err and "make reference" in err
     g.main(TINY_ARGS + ["--cls-weight", "0.5", "--out", str(tmp_path / "cls3"), "--seed", "1", "--lr", "0.002"])
-    assert "note:" not in capsys.readouterr().err  # another config: make reference would not help, so no note
+    err = capsys.readouterr().err  # another config: a note, but make reference would not help
+    assert "differs in lr" in err and "make reference" not in err
 
 
 def test_compare_reuses_a_finished_run_only_when_every_field_that_can_change_it_matches(tmp_path):

@@ -555,11 +555,10 @@ def shared_params(g_pg: list, g_cls: list) -> list[int]:
     return [i for i, (p, c) in enumerate(zip(g_pg, g_cls)) if p is not None and c is not None]
 
 
-def clip_stats(g_pg: list, g_cls: list, norm_pg, norm_cls, max_norm: float) -> dict:
+def clip_stats(g_pg: list, g_cls: list, shared: list[int], norm_pg, norm_cls, max_norm: float) -> dict:
     """What one optimizer step logs of its two gradients, before clipping: each stream's norm and whether
     its clip acted, the classifier's norm over the policy gradient's on the parameters both reach, and the
     factor a single clip of the sum would have put on the policy gradient, relative to its own clip."""
-    shared = shared_params(g_pg, g_cls)
     own = (max_norm / (norm_pg + 1e-6)).clamp(max=1.0)
     joint = (max_norm / (total_norm(add_grads(g_pg, g_cls)) + 1e-6)).clamp(max=1.0)
     ratio = ratio_or_nan(total_norm([g_cls[i] for i in shared]), total_norm([g_pg[i] for i in shared]))
@@ -636,8 +635,8 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
                                                                  params)
                 g_cls_clipped, norm_cls = clip_to_norm(g_cls, cfg.max_grad_norm)
                 grads = add_grads(grads, g_cls_clipped)
-                t |= clip_stats(g_pg, g_cls, t["grad_norm"], norm_cls, cfg.max_grad_norm)
                 shared = shared_params(g_pg, g_cls)
+                t |= clip_stats(g_pg, g_cls, shared, t["grad_norm"], norm_cls, cfg.max_grad_norm)
             for p, grad in zip(params, grads):  # clip(grad(pg_loss + beta * kl)) + clip(grad(w * cls_loss))
                 p.grad = grad
             opt.step()

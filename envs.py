@@ -347,12 +347,16 @@ class KitchenEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
     HISTORY = 2
 
-    def __init__(self, split: str = "train", max_steps: int = 12, render_mode: str | None = None):
+    def __init__(self, split: str = "train", max_steps: int = 12, render_mode: str | None = None,
+                 withhold: int = 0):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        if withhold < 0:
+            raise ValueError(f"withhold must be 0 (none) or a seed > 0, got {withhold}")
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.split, self.max_steps, self.render_mode = split, max_steps, render_mode
+        self.withheld = self.withheld_goals(withhold) if split == "train" else frozenset()
         self.commands = kitchen_commands()
         self.action_names = list(self.commands)
         self.action_space = spaces.Discrete(len(self.commands))
@@ -371,7 +375,8 @@ class KitchenEnv(gym.Env):
             obj = OBJECTS[rng.integers(len(OBJECTS))]
             goal = GOAL_RECEPTACLES[rng.integers(len(GOAL_RECEPTACLES))]
             clean = bool(rng.integers(2))
-            if kitchen_is_heldout(obj, goal, clean) == (self.split == "heldout"):
+            if (kitchen_is_heldout(obj, goal, clean) == (self.split == "heldout")
+                    and (obj, goal, clean) not in self.withheld):
                 break
         others = [o for o in OBJECTS if o != obj]
         distractors = [others[i] for i in rng.permutation(len(others))[: 1 + rng.integers(2)]]
@@ -590,6 +595,18 @@ class KitchenEnv(gym.Env):
             if len(pairs) == n:
                 return pairs
         raise ValueError(f"only {len(pairs)} twin pairs in {episodes} episodes; ask for more episodes")
+
+    @staticmethod
+    def withheld_goals(seed: int) -> frozenset:
+        """withhold=seed leaves out of the training split a random half (27 of 55) of its goals, drawn by
+        `seed`: the intervention of results/PROTOCOL.md. twin_pairs() still samples from every training
+        goal, so a pair's good twin may be a goal this env never trains on. 0 withholds none."""
+        if seed == 0:
+            return frozenset()
+        goals = [(o, r, c) for o in OBJECTS for r in GOAL_RECEPTACLES for c in (False, True)
+                 if not kitchen_is_heldout(o, r, c)]                                     # 55 goals
+        order = np.random.default_rng([seed, 4]).permutation(len(goals))
+        return frozenset(goals[i] for i in order[: len(goals) // 2])
 
     @staticmethod
     def goal_twins(goal, s: KitchenState) -> list[tuple[str, str, bool]]:

@@ -1327,3 +1327,109 @@ def test_compare_reuses_a_finished_run_only_when_every_field_that_can_change_it_
     assert not compare.is_done(fields | {"cls_weight": 0.5, "cls_labels": "step"})  # the saved run is plain
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"iter": 2}))
     assert not compare.is_done(fields)  # stopped before its last iteration
+
+
+# ---------------------------------------------------------------------------------------------
+# coupling.py: the sampled-pair matrix's measures, tests and the intervention (results/PROTOCOL.md)
+# ---------------------------------------------------------------------------------------------
+
+import coupling  # noqa: E402
+
+
+def test_withhold_leaves_out_half_the_training_goals_from_training_and_nothing_else():
+    """The intervention: KitchenEnv(withhold=s) never trains on W_s, a seed-drawn half of the 55 training
+    goals; the held-out split and the twin-pair sampler are untouched."""
+    train_goals = {(o, r, cl) for o in envs.OBJECTS for r in envs.GOAL_RECEPTACLES for cl in (False, True)
+                   if not envs.kitchen_is_heldout(o, r, cl)}
+    w = envs.KitchenEnv.withheld_goals(8201)
+    assert len(train_goals) == 55 and len(w) == 27 and w <= train_goals
+    assert w != envs.KitchenEnv.withheld_goals(8202) and envs.KitchenEnv.withheld_goals(0) == frozenset()
+    cfg = g.Config(**coupling.arm_overrides("text", "withhold", 8201), env="text")
+    env = g.make_envs(cfg, 1)[0].unwrapped
+    drawn = {env.make_task(t)[0] for t in range(3000)}
+    assert drawn == train_goals - w  # every other training goal is still drawn
+    held, plain_held = envs.KitchenEnv("heldout", withhold=8201), envs.KitchenEnv("heldout")
+    assert all(held.make_task(t) == plain_held.make_task(t) for t in range(50))
+    assert [p["note"] for p in env.twin_pairs(8, seed=3)] == [p["note"] for p in envs.KitchenEnv().twin_pairs(8, seed=3)]
+    with pytest.raises(ValueError, match="withhold"):
+        envs.KitchenEnv(withhold=-1)
+
+
+def pair_rows(flawed: list, control: list, grad=(0.9, 0.1), embed=(1.0, 0.5)) -> list[dict]:
+    """Metric rows as pair_diagnostics logs them: one per diagnostic iteration, two pairs."""
+    rows = [{"iter": 2 * t, "pair_flawed_probs": f, "pair_control_probs": cp, "flawed_rate": None}
+            for t, (f, cp) in enumerate(zip(flawed, control))]
+    rows[0] |= {"pair_grad_cos": list(grad), "pair_embed_cos": list(embed)}
+    rows[-1]["flawed_rate"] = 0.25
+    return rows
+
+
+def test_pair_measures_are_the_training_mean_change_of_the_logged_log_probabilities():
+    rows = pair_rows(flawed=[[0.1, 0.2], [0.2, 0.2], [0.4, 0.1]], control=[[0.1, None], [0.05, None], [0.1, None]])
+    m = coupling.pair_measures(rows)
+    gain0 = (np.log(0.2) + np.log(0.4)) / 2 - np.log(0.1)  # pair 0: pi doubles, then quadruples
+    np.testing.assert_allclose(m["gain"], [gain0, (np.log(0.2) + np.log(0.1)) / 2 - np.log(0.2)])
+    np.testing.assert_allclose(m["control"][0], (np.log(0.05) + np.log(0.1)) / 2 - np.log(0.1))
+    np.testing.assert_allclose(m["C1"][0], m["gain"][0] - m["control"][0])
+    assert np.isnan(m["C1"][1])  # no other flawed action at its flawed twin: no control, no C1
+    np.testing.assert_allclose(m["curve"][:, 0], [0, np.log(2) - np.log(0.5), np.log(4) - 0])
+    assert m["grad"].tolist() == [0.9, 0.1] and m["embed"].tolist() == [1.0, 0.5] and m["flawed"] == 0.25
+    floored = coupling.pair_measures(pair_rows(flawed=[[0.1, 0.2], [0.0, 0.2]], control=[[0.1, None]] * 2))
+    np.testing.assert_allclose(floored["gain"][0], np.log(1e-12) - np.log(0.1))  # an underflow reads as 1e-12
+
+
+def test_spearman_uses_mean_ranks_for_ties():
+    assert coupling.spearman(np.array([1., 2, 3, 4]), np.array([1., 3, 2, 4])) == pytest.approx(0.8)  # 1 - 6*2/60
+    assert coupling.spearman(np.array([1., 1, 2]), np.array([1., 2, 3])) == pytest.approx(np.sqrt(3) / 2)
+    assert coupling.spearman(np.array([1., np.nan, 2, 3]), np.array([3., 0, 2, 1])) == pytest.approx(-1)
+
+
+def test_sign_flip_p_is_exact_and_holm_steps_down():
+    assert coupling.sign_flip_p([3, 1, 2]) == 2 / 8  # only all-plus and all-minus reach |sum| = 6
+    assert coupling.sign_flip_p([1] * 10) == 2 / 1024 and coupling.sign_flip_p([1, -1]) == 1
+    assert coupling.sign_flip_p([2, -1, 1]) == 6 / 8  # |sum| >= 2 in all but the two patterns summing to 0
+    # Holm at 5%: the smallest p against 0.05/2, the next against 0.05/1; stops at the first failure
+    assert coupling.holm({"a": 0.03, "b": 0.01}) == {"a": True, "b": True}  # Bonferroni would keep a
+    assert coupling.holm({"a": 0.03, "b": 0.03}) == {"a": False, "b": False}
+    # 0.001 <= 0.05/4, 0.011 <= 0.05/3, 0.03 > 0.05/2: b fails, so c is kept though 0.04 <= 0.05/1
+    assert coupling.holm({"a": 0.001, "b": 0.03, "c": 0.04, "d": 0.011}) == {"a": True, "d": True, "b": False,
+                                                                             "c": False}
+
+
+def test_the_intervention_contrast_is_trained_minus_withheld_good_twins_over_trained_flawed_twins():
+    pairs = [{"goal_good": gg, "goal_flawed": gf} for gg, gf in
+             [("A", "X"), ("B", "X"), ("W1", "X"), ("W2", "X"), ("A", "W1")]]
+    m = {"C1": np.array([1.0, 3.0, 0.5, np.nan, 9.0]), "grad": np.arange(5.0), "embed": np.arange(5.0),
+         "gain": np.array([0.0, 2, 1, 4, 3]), "flawed": 0.1}
+    row = coupling.per_seed(m, withheld={"W1", "W2"}, pairs=pairs)
+    # T = pairs 0, 1 (mean 2); U = pairs 2, 3 (mean 0.5, the nan skipped); pair 4's flawed twin is withheld
+    assert row["contrast"] == pytest.approx(1.5) and (row["n_trained"], row["n_untrained"]) == (2, 2)
+    shifted = coupling.per_seed(m | {"gain": m["gain"] + np.arange(5.0)}, plain=m)  # gains more with overlap
+    assert shifted["rho_d"] == pytest.approx(1) and shifted["d"] == pytest.approx(2)
+
+
+def test_family_needs_every_statistic_of_a_hypothesis_in_its_predicted_direction():
+    up, down = [1.0] * 10, [-1.0] * 10
+    stats = {("text", "plain"): {"C1": up, "rho": up}, ("grid", "plain"): {"C1": up, "rho": down},
+             ("text", "cls-oracle"): {"rho_d": down}, ("grid", "cls-oracle"): {"rho_d": up},
+             ("text", "withhold"): {"did": [1.0] * 9 + [-1.0]}}
+    fam = coupling.family(stats)
+    assert fam["H1 coupling, text"] == (2 / 1024, True) and fam["H3 classifier flattens, text"][1]
+    assert fam["H2 coupling, grid"] == (1.0, False) and fam["H4 classifier flattens, grid"] == (1.0, False)
+    assert fam["H5 intervention, text"] == (22 / 1024, False)  # 0.021 > 0.05 / 3, Holm's third threshold
+
+
+def test_a_stored_run_unpacks_to_the_same_bytes_and_stores_reproducibly(tmp_path):
+    run, stored, back = tmp_path / "run", tmp_path / "stored", tmp_path / "back"
+    run.mkdir()
+    for name, text in (("config.json", "{}"), ("summary.json", '{"a": 1}'), ("metrics.jsonl", '{"iter": 0}\n' * 50)):
+        (run / name).write_text(text)
+    coupling.store(str(run), str(stored), coupling.RUN_NAMES)
+    first = (stored / "metrics.jsonl.gz").read_bytes()
+    coupling.store(str(run), str(stored), coupling.RUN_NAMES)
+    assert (stored / "metrics.jsonl.gz").read_bytes() == first and len(first) < 50 * 12
+    assert coupling.is_stored(str(stored)) and not os.path.exists(str(stored) + ".tmp")
+    coupling.unpack(str(stored), str(back))
+    assert all((back / n).read_bytes() == (run / n).read_bytes() for n in ("config.json", "summary.json",
+                                                                          "metrics.jsonl"))
+    assert coupling.load_rows(str(stored)) == [{"iter": 0}] * 50

@@ -1,0 +1,436 @@
+"""Claim 3b where it lives: coupling over sampled twin pairs, its dose-response, an intervention. make coupling
+
+The paper's mechanism is a prediction about pairs of states. A flawed action gains at a state that
+overlaps in representation with a state where the same action is good, and gains more the more they
+overlap. This script runs the pre-registered matrix of results/PROTOCOL.md ("the sampled-pair matrix"):
+
+  text (Kitchen):  plain GRPO | the oracle classifier (weight 0.5) | plain GRPO with half the training
+                   goals withheld (--env-kwargs '{"withhold": seed}', the intervention)
+  grid (LavaGrid): plain GRPO | the oracle classifier
+
+Every run of one (task, seed) starts from one shared cold start (compare.py's machinery) and logs the
+same --twin-pairs sampled pairs (grpo_cls.pair_diagnostics). Each finished run is stored, compressed,
+under results/runs/coupling/ with its cold start, so the matrix resumes on another machine and
+`python coupling.py --tables` regenerates every table and figure from the stored runs without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+import compare as c
+import envs
+import grpo_cls as g
+
+SEEDS = "8201-8210"  # fresh: never used before this matrix (results/PROTOCOL.md)
+ITERS = 60
+PAIRS = 128
+STORE = "results/runs/coupling"
+ARMS_OF = {"text": ("plain", "cls-oracle", "withhold"), "grid": ("plain", "cls-oracle")}
+ALPHA = 0.05  # Holm's family-wise error rate over the primary family
+
+
+def arm_overrides(task: str, arm: str, seed: int) -> dict:
+    """The Config fields of an arm beyond the task's; every arm logs the same PAIRS pairs."""
+    over = {"twin_pairs": PAIRS, "baseline": "none"}
+    if arm == "cls-oracle":
+        over |= c.ARMS["cls-oracle"]
+    if arm == "withhold":  # Kitchen only: a random half of the training goals, drawn by the seed, never trained
+        over |= {"env_kwargs": json.dumps({"withhold": seed})}
+    return over
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored runs: results/runs/coupling/<task>-<arm>-seed<s>/ and init/<task>-seed<s>/
+# ---------------------------------------------------------------------------------------------
+
+def is_stored(dest: str) -> bool:
+    return os.path.isfile(os.path.join(dest, "config.json"))  # a stored folder is complete or absent
+
+
+def store(run: str, dest: str, names: tuple):
+    """Copy `names` from a run folder into dest, .gz ones compressed, all or nothing: written into a
+    temporary folder, renamed into place last."""
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in names:
+        if name.endswith(".gz"):
+            with open(os.path.join(run, name[:-3]), "rb") as f, \
+                    gzip.GzipFile(os.path.join(tmp, name), "wb", mtime=0) as out:  # the same bytes every time
+                shutil.copyfileobj(f, out)
+        else:
+            shutil.copyfile(os.path.join(run, name), os.path.join(tmp, name))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+RUN_NAMES = ("config.json", "summary.json", "metrics.jsonl.gz")  # a finished run
+INIT_NAMES = ("config.json", "checkpoint.pt")  # a cold start: the weights every arm of its seed starts from
+
+
+def unpack(stored: str, run: str):
+    """The other way: a stored run or cold start into a run folder, where compare.is_done finds it."""
+    os.makedirs(run, exist_ok=True)
+    for name in os.listdir(stored):
+        if name.endswith(".gz"):
+            with gzip.open(os.path.join(stored, name), "rb") as f, open(os.path.join(run, name[:-3]), "wb") as out:
+                shutil.copyfileobj(f, out)
+        else:
+            shutil.copyfile(os.path.join(stored, name), os.path.join(run, name))
+
+
+def load_rows(stored: str) -> list[dict]:
+    with gzip.open(os.path.join(stored, "metrics.jsonl.gz"), "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-pair measures (results/PROTOCOL.md, the sampled-pair matrix)
+# ---------------------------------------------------------------------------------------------
+
+def pair_measures(rows: list[dict]) -> dict:
+    """Per pair i, over the diagnostic iterations t (iteration 0, the cold start, first):
+      gain_i    = mean_{t>0} log pi_t(a_i | s_flawed) - log pi_0(a_i | s_flawed)   (the absolute measure)
+      control_i = the same for the mean pi of the other flawed actions at s_flawed
+      C1_i      = gain_i - control_i                                               (the relative measure)
+    and the overlap at the cold start: grad_i (cosine of the gradients of log pi(a_i|.) at the two twins)
+    and embed_i (cosine of phi at the two twins). Arrays of shape (P,); C1 is nan where a pair has no
+    other flawed action. curve: C1 at each diagnostic iteration, (T, P)."""
+    diag = [r for r in rows if r.get("pair_flawed_probs") is not None]
+    assert diag[0]["iter"] == 0 and "pair_grad_cos" in diag[0], "the run's first row must be its cold start"
+    log = lambda k: np.log(np.maximum(np.array([[np.nan if v is None else v for v in r[k]] for r in diag],  # noqa: E731
+                                                 dtype=float), c.PROB_FLOOR))                         # (T, P)
+    coupled, control = log("pair_flawed_probs"), log("pair_control_probs")
+    ratio = (coupled - control) - (coupled - control)[0]                                               # (T, P)
+    return {"iters": np.array([r["iter"] for r in diag]), "curve": ratio,
+            "gain": coupled[1:].mean(0) - coupled[0], "control": control[1:].mean(0) - control[0],
+            "C1": ratio[1:].mean(0),
+            "grad": np.array(diag[0]["pair_grad_cos"]), "embed": np.array(diag[0]["pair_embed_cos"]),
+            "flawed": next(r["flawed_rate"] for r in reversed(rows) if r.get("flawed_rate") is not None)}
+
+
+def ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, tied values given their mean rank."""
+    r = np.empty(len(v))
+    r[np.argsort(v, kind="stable")] = np.arange(len(v))
+    values, counts = np.unique(v, return_counts=True)
+    for x in values[counts > 1]:
+        r[v == x] = r[v == x].mean()
+    return r
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation over the pairs where both are defined."""
+    ok = ~(np.isnan(x) | np.isnan(y))
+    return float(np.corrcoef(ranks(x[ok]), ranks(y[ok]))[0, 1])
+
+
+def sign_flip_p(values: list) -> float:
+    """The exact two-sided sign-flip test of mean 0 over seeds: the share of the 2^n sign patterns whose
+    mean is at least as far from 0 as the observed one (no normality assumed; 2^-(n-1) at the least)."""
+    v = np.asarray(values, dtype=float)
+    signs = 1 - 2 * ((np.arange(2 ** len(v))[:, None] >> np.arange(len(v))) & 1)   # (2^n, n) of +-1
+    return float((np.abs(signs @ v) >= abs(v.sum()) * (1 - 1e-12)).mean())
+
+
+def holm(p: dict, alpha: float = ALPHA) -> dict:
+    """Holm's step-down: name -> rejected at family-wise error alpha."""
+    out, names = {}, sorted(p, key=p.get)
+    for k, name in enumerate(names):
+        if p[name] > alpha / (len(names) - k):
+            return out | {n: False for n in names[k:]}
+        out[name] = True
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-seed statistics and the primary family
+# ---------------------------------------------------------------------------------------------
+
+def per_seed(m: dict, plain: dict | None = None, withheld=None, pairs=None) -> dict:
+    """One seed's numbers. With `plain` (the same seed's plain run): the classifier's change of the
+    absolute gain, d_i = gain_i - gain_i(plain), and its rank correlation with the overlap. With
+    `withheld` and `pairs`: the intervention's contrast, mean C1 of the pairs whose good twin's goal is
+    trained minus that of those whose good twin's goal is withheld, over pairs whose flawed twin's goal
+    is trained."""
+    high = m["grad"] > np.median(m["grad"])
+    out = {"C1": float(np.nanmean(m["C1"])), "rho": spearman(m["grad"], m["C1"]),
+           "rho_embed": spearman(m["embed"], m["C1"]), "gain": float(m["gain"].mean()),
+           "rho_gain": spearman(m["grad"], m["gain"]), "C1_high": float(np.nanmean(m["C1"][high])),
+           "C1_low": float(np.nanmean(m["C1"][~high])), "flawed": m["flawed"],
+           "n_C1": int((~np.isnan(m["C1"])).sum())}
+    if plain is not None:
+        d = m["gain"] - plain["gain"]
+        out |= {"d": float(d.mean()), "rho_d": spearman(plain["grad"], d), "d_high": float(d[high].mean()),
+                "d_low": float(d[~high].mean())}
+    if withheld is not None:
+        good_out = np.array([p["goal_good"] in withheld for p in pairs])
+        flawed_in = np.array([p["goal_flawed"] not in withheld for p in pairs])
+        trained, untrained = m["C1"][flawed_in & ~good_out], m["C1"][flawed_in & good_out]
+        out |= {"contrast": float(np.nanmean(trained) - np.nanmean(untrained)),
+                "n_trained": int(len(trained)), "n_untrained": int(len(untrained))}
+    return out
+
+
+def kitchen_pairs(seed: int) -> list[dict]:
+    """The pairs every Kitchen run of this seed logged (the sampler is a pure function of the seed)."""
+    return envs.KitchenEnv(split="train").twin_pairs(PAIRS, seed=seed)
+
+
+def seed_table(runs: dict, seeds: list[int]) -> dict:
+    """(task, arm) -> {statistic: [one value per seed]}; the intervention's contrast is a difference in
+    differences: the contrast in the withhold run minus the same pairs' contrast in the plain run."""
+    stats = {}
+    for task, arms in ARMS_OF.items():
+        for s in seeds:
+            plain = pair_measures(runs[(task, "plain", s)])
+            w = envs.KitchenEnv.withheld_goals(s) if task == "text" else None
+            pairs = kitchen_pairs(s) if task == "text" else None
+            base = per_seed(plain, withheld=w, pairs=pairs)
+            for arm in arms:
+                m = plain if arm == "plain" else pair_measures(runs[(task, arm, s)])
+                row = base if arm == "plain" else per_seed(m, plain, w, pairs)
+                if arm == "withhold":
+                    row["did"] = row["contrast"] - base["contrast"]
+                for k, v in row.items():
+                    stats.setdefault((task, arm), {}).setdefault(k, []).append(v)
+    return stats
+
+
+PRIMARY = {  # name -> (task, arm, the statistics that must all be positive (+) or negative (-))
+    "H1 coupling, text": ("text", "plain", {"C1": +1, "rho": +1}),
+    "H2 coupling, grid": ("grid", "plain", {"C1": +1, "rho": +1}),
+    "H3 classifier flattens, text": ("text", "cls-oracle", {"rho_d": -1}),
+    "H4 classifier flattens, grid": ("grid", "cls-oracle", {"rho_d": -1}),
+    "H5 intervention, text": ("text", "withhold", {"did": +1}),
+}
+
+
+def family(stats: dict) -> dict:
+    """Each primary hypothesis: its p (intersection-union: the largest sign-flip p of its statistics, and
+    1 where a mean has the wrong sign) and whether Holm's procedure over the five rejects it."""
+    p = {}
+    for name, (task, arm, signs) in PRIMARY.items():
+        ps = [sign_flip_p(stats[(task, arm)][k]) if np.sign(np.mean(stats[(task, arm)][k])) == sign else 1.0
+              for k, sign in signs.items()]
+        p[name] = max(ps)
+    shown = holm(p)
+    return {name: (p[name], shown[name]) for name in PRIMARY}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+ROWS = [  # (statistic, what it is)
+    ("C1", "mean C1 over pairs (relative: coupled action against the other flawed actions)"),
+    ("rho", "Spearman(cold-start grad cosine, C1) over pairs"),
+    ("rho_embed", "Spearman(cold-start embed cosine, C1) over pairs"),
+    ("C1_high", "mean C1, pairs above the median grad cosine"),
+    ("C1_low", "mean C1, pairs at or below it"),
+    ("gain", "mean gain (absolute: Δ log pi(a | s_flawed))"),
+    ("rho_gain", "Spearman(cold-start grad cosine, gain)"),
+    ("d", "arm minus plain GRPO: mean change of the gain"),
+    ("rho_d", "Spearman(cold-start grad cosine, that change)"),
+    ("d_high", "that change, pairs above the median grad cosine"),
+    ("d_low", "that change, pairs at or below it"),
+    ("contrast", "mean C1, good twin's goal trained minus withheld"),
+    ("did", "that contrast, withhold run minus plain run (same pairs)"),
+    ("flawed", "final flawed rate"),
+]
+
+
+def report(stats: dict, seeds: list[int], run_minutes: float, iters: int, store_dir: str) -> str:
+    fam = family(stats)
+    n = len(seeds)
+    lines = [f"Generated by `python coupling.py --tables` from the stored runs in {store_dir}/ (trained by `make "
+             f"coupling`; the runs' single-thread times sum to {run_minutes:.0f} min, so about "
+             f"{run_minutes / 2:.0f} min on two workers): {iters}-iteration runs, seeds "
+             f"{seeds[0]}-{seeds[-1]}, {PAIRS} sampled twin pairs per (task, seed). Each cell: the mean over "
+             f"the {n} seeds of the per-seed statistic ± the half-width of its 95% Student-t interval, then "
+             f"the exact two-sided sign-flip p over the seeds (results/PROTOCOL.md, the sampled-pair matrix).",
+             "", "### The primary family (Holm at 5% over five)", "",
+             "| hypothesis | p (intersection-union) | verdict |", "|---|---|---|"]
+    for name, (p, shown) in fam.items():
+        lines.append(f"| {name} | {p:.4f} | {'shown' if shown else 'not shown'} |")
+    for task, arms in ARMS_OF.items():
+        lines += ["", f"### {task}", "", "| statistic | " + " | ".join(arms) + " |",
+                  "|---" * (len(arms) + 1) + "|"]
+        for k, text in ROWS:
+            cells = []
+            for arm in arms:
+                v = stats[(task, arm)].get(k)
+                if v is None:
+                    cells.append("")
+                    continue
+                m, h = c.mean_ci(v)
+                cells.append(f"{m:+.3f} ± {h:.3f} (p {sign_flip_p(v):.3f})")
+            if any(cells):
+                lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_dose(runs: dict, seeds: list[int], path: str):
+    """The dose-response: each pair's cold-start gradient cosine against its C1 (top) and its absolute
+    gain (bottom), pooled over seeds, plain GRPO against the classifier, with the mean in overlap bins."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.2), squeeze=False)
+    for col, task in enumerate(ARMS_OF):
+        for row, key in enumerate(("C1", "gain")):
+            ax = axes[row, col]
+            for arm, colour in (("plain", "tab:red"), ("cls-oracle", "tab:blue")):
+                ms = [pair_measures(runs[(task, arm, s)]) for s in seeds]
+                x = np.concatenate([pair_measures(runs[(task, "plain", s)])["grad"] for s in seeds])
+                y = np.concatenate([m[key] for m in ms])
+                ax.scatter(x, y, s=4, alpha=0.25, color=colour)
+                edges = np.quantile(x, np.linspace(0, 1, 7))
+                bins = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, 5)
+                mids = [np.nanmean(x[bins == b]) for b in range(6)]
+                ax.plot(mids, [np.nanmean(y[bins == b]) for b in range(6)], "o-", color=colour,
+                        label=f"{'plain GRPO' if arm == 'plain' else 'oracle classifier'} (sextile means)")
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xlabel("cold-start gradient cosine of the twins (overlap)", fontsize=8)
+            ax.set_ylabel({"C1": "C1: Δ log-ratio, coupled vs other flawed",
+                           "gain": "gain: Δ log pi(a | flawed twin)"}[key], fontsize=8)
+            ax.set_title(f"{task}: {len(seeds)} seeds x {PAIRS} pairs", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_growth(runs: dict, seeds: list[int], path: str):
+    """C1 over iterations for the pairs above and below the median overlap, plain against classifier."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    for ax, task in zip(axes[0], ARMS_OF):
+        for arm, style in (("plain", "-"), ("cls-oracle", "--")):
+            for half, colour in (("high", "tab:red"), ("low", "tab:grey")):
+                curves = []
+                for s in seeds:
+                    m, grad = pair_measures(runs[(task, arm, s)]), pair_measures(runs[(task, "plain", s)])["grad"]
+                    high = grad > np.median(grad)
+                    curves.append(np.nanmean(m["curve"][:, high if half == "high" else ~high], 1))
+                ax.plot(m["iters"], np.mean(curves, 0), style, color=colour,
+                        label=f"{'plain' if arm == 'plain' else 'classifier'}, {half}-overlap half")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.set_ylabel("C1 at iteration t (mean over pairs, then seeds)", fontsize=8)
+        ax.set_title(f"{task}: when coupling acts", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Claim 3b over sampled twin pairs: the pre-registered matrix of "
+                                "results/PROTOCOL.md (make coupling)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seeds", default=SEEDS, help="seeds of every cell; verdicts come from the protocol's")
+    p.add_argument("--iters", type=int, default=ITERS, help="GRPO iterations per run")
+    p.add_argument("--tables", action="store_true", help="train nothing: the tables and figures from --store")
+    p.add_argument("--store", default=STORE, help="folder of the stored runs (read, and written after each run)")
+    p.add_argument("--runs", default="runs/coupling", help="folder of the working run folders")
+    p.add_argument("--out", default="results", help="folder for coupling.md and the figures")
+    p.add_argument("--workers", type=int, default=2, help="single-thread worker processes (2 cores: 2)")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/claims.md's block")
+    args = p.parse_args(argv)
+    try:
+        args.seeds = c.seed_list(args.seeds)
+    except ValueError:
+        p.error("--seeds takes a list like '8201-8210' or '8201,8203'")
+    if len(args.seeds) < 2 or args.iters < 1 or args.workers < 1:
+        p.error("--seeds needs two seeds; --iters and --workers must be >= 1")
+    return args
+
+
+def train_missing(args) -> float:
+    """Run every cell not yet stored, seed by seed; store each run as it finishes. Returns the minutes."""
+    import multiprocessing as mp
+    from tqdm import tqdm
+    os.environ["OMP_NUM_THREADS"] = "1"  # the workers inherit it: two 2-thread processes on 2 cores collapse
+    t0 = time.time()
+    both = lambda name: (os.path.join(args.runs, name), os.path.join(args.store, name))  # noqa: E731  (work, stored)
+    cell = lambda t, a, s: both(f"{t}-{a}-seed{s}")  # noqa: E731
+    init = lambda t, s: both(os.path.join("init", f"{t}-seed{s}"))  # noqa: E731
+    fields = lambda t, s, over, out: dataclasses.asdict(c.arm_config(t, s, over, args.iters, out))  # noqa: E731
+    cells = [(t, a, s) for s in args.seeds for t in ARMS_OF for a in ARMS_OF[t]]
+    starts = list(dict.fromkeys((t, s) for t, _, s in cells))
+    for run, stored in [init(*x) for x in starts] + [cell(*x) for x in cells]:
+        if is_stored(stored) and not os.path.isfile(os.path.join(run, "config.json")):
+            unpack(stored, run)  # a stored run resumes the matrix on a new machine
+    inits = [("init", fields(t, s, {"twin_pairs": PAIRS}, init(t, s)[0])) for t, s in starts]
+    todo = [j for j in inits if not c.is_done(j[1], "checkpoint.pt")]
+    c.run_all(todo, args.workers, "cold starts")
+    redone = {j[1]["out"] for j in todo}
+    for x in starts:
+        if not is_stored(init(*x)[1]) or init(*x)[0] in redone:
+            store(*init(*x), INIT_NAMES)
+    jobs = [("arm", fields(t, s, arm_overrides(t, a, s), cell(t, a, s)[0]), init(t, s)[0]) for t, a, s in cells]
+    todo_arms = [j for j in jobs if j[2] in redone or not c.is_done(j[1])]  # a new cold start redoes its arms
+    stored_as = {cell(*x)[0]: cell(*x)[1] for x in cells}
+    with mp.get_context("spawn").Pool(args.workers) as pool, \
+            tqdm(total=len(todo_arms), desc="runs", unit="run") as bar:
+        for job in pool.imap_unordered(c.run_job, todo_arms):
+            store(job[1]["out"], stored_as[job[1]["out"]], RUN_NAMES)
+            bar.update()
+    for j in jobs:  # finished in a run folder before it could be stored
+        if j not in todo_arms and not is_stored(stored_as[j[1]["out"]]):
+            store(j[1]["out"], stored_as[j[1]["out"]], RUN_NAMES)
+    return (time.time() - t0) / 60
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.tables:
+        try:
+            minutes = train_missing(args)
+            print(f"coupling.py: trained what was missing in {minutes:.1f} min")
+        except KeyboardInterrupt:
+            sys.exit(f"coupling.py: interrupted; {args.store} keeps every finished run, and the same command "
+                     f"skips them")
+    runs, missing = {}, []
+    for t, arms in ARMS_OF.items():
+        for a in arms:
+            for s in args.seeds:
+                d = os.path.join(args.store, f"{t}-{a}-seed{s}")
+                if os.path.isfile(os.path.join(d, "metrics.jsonl.gz")):
+                    runs[(t, a, s)] = load_rows(d)
+                else:
+                    missing.append(d)
+    if missing:
+        sys.exit(f"coupling.py: {len(missing)} stored runs missing (first: {missing[0]}); run `make coupling`")
+    stats = seed_table(runs, args.seeds)
+    block = report(stats, args.seeds, sum(rows[-1]["wall_s"] for rows in runs.values()) / 60, args.iters,
+                   args.store)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "coupling.md"), "w") as f:
+        f.write("# Claim 3b over sampled twin pairs: the dose-response and the intervention\n\n" + block + "\n")
+    plot_dose(runs, args.seeds, os.path.join(args.out, "dose_response.png"))
+    plot_growth(runs, args.seeds, os.path.join(args.out, "coupling_growth.png"))
+    if not args.no_doc:
+        c.update_doc(block, marker="coupling", path="docs/claims.md")
+    print(block)
+
+
+if __name__ == "__main__":
+    main()

@@ -124,7 +124,7 @@ def is_done(fields: dict, last_file: str = "summary.json") -> bool:
     # a field added to Config after the run was saved counts at its default (defaults keep the old code path);
     # a field that cannot change this run is not compared (a plain run has no classifier labels)
     idle = {"overwrite", "device", "threads", "baseline"}
-    idle |= {"cls_labels", "cls_design"} if fields["cls_weight"] == 0 else set()
+    idle |= {"cls_labels", "cls_design", "cls_channel"} if fields["cls_weight"] == 0 else set()
     idle |= {"shaping_lambda"} if fields.get("shaping", "none") == "none" else set()
     same = all(saved.get(k, getattr(g.Config, k, None)) == v for k, v in fields.items() if k not in idle)
     if not same or not os.path.isfile(os.path.join(fields["out"], last_file)):

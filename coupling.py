@@ -105,16 +105,17 @@ def pair_measures(rows: list[dict]) -> dict:
       C1_i      = gain_i - control_i                                               (the relative measure)
     and the overlap at the cold start: grad_i (cosine of the gradients of log pi(a_i|.) at the two twins)
     and embed_i (cosine of phi at the two twins). Arrays of shape (P,); C1 is nan where a pair has no
-    other flawed action. curve: C1 at each diagnostic iteration, (T, P)."""
+    other flawed action. curve: C1 at each diagnostic iteration, (T, P); pi0: log pi_0(a_i | s_flawed)."""
     diag = [r for r in rows if r.get("pair_flawed_probs") is not None]
-    assert diag[0]["iter"] == 0 and "pair_grad_cos" in diag[0], "the run's first row must be its cold start"
+    if diag[0]["iter"] != 0 or diag[0].get("pair_grad_cos") is None:
+        raise ValueError("a run's first pair diagnostics must be its cold start's, with the gradient cosines")
     log = lambda k: np.log(np.maximum(np.array([[np.nan if v is None else v for v in r[k]] for r in diag],  # noqa: E731
                                                  dtype=float), c.PROB_FLOOR))                         # (T, P)
     coupled, control = log("pair_flawed_probs"), log("pair_control_probs")
     ratio = (coupled - control) - (coupled - control)[0]                                               # (T, P)
     return {"iters": np.array([r["iter"] for r in diag]), "curve": ratio,
             "gain": coupled[1:].mean(0) - coupled[0], "control": control[1:].mean(0) - control[0],
-            "C1": ratio[1:].mean(0),
+            "C1": ratio[1:].mean(0), "pi0": coupled[0],
             "grad": np.array(diag[0]["pair_grad_cos"]), "embed": np.array(diag[0]["pair_embed_cos"]),
             "flawed": next(r["flawed_rate"] for r in reversed(rows) if r.get("flawed_rate") is not None)}
 
@@ -130,15 +131,31 @@ def ranks(v: np.ndarray) -> np.ndarray:
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation over the pairs where both are defined."""
+    """Spearman's rank correlation over the pairs where both are defined (nan if either is constant)."""
     ok = ~(np.isnan(x) | np.isnan(y))
-    return float(np.corrcoef(ranks(x[ok]), ranks(y[ok]))[0, 1])
+    rx, ry = ranks(x[ok]), ranks(y[ok])
+    return float(np.corrcoef(rx, ry)[0, 1]) if ok.sum() > 2 and rx.std() > 0 and ry.std() > 0 else float("nan")
+
+
+def partial_spearman(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
+    """Spearman(x, y) with z held fixed: (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2))."""
+    ok = ~(np.isnan(x) | np.isnan(y) | np.isnan(z))
+    xy, xz, yz = spearman(x[ok], y[ok]), spearman(x[ok], z[ok]), spearman(y[ok], z[ok])
+    return float((xy - xz * yz) / np.sqrt((1 - xz**2) * (1 - yz**2)))
+
+
+def defined(values: list) -> list:
+    """The seeds' values that are numbers: a statistic undefined on a seed (an empty group, a constant
+    input) leaves that seed out of its test, and the table says how many seeds remain."""
+    return [v for v in values if v is not None and not np.isnan(v)]
 
 
 def sign_flip_p(values: list) -> float:
     """The exact two-sided sign-flip test of mean 0 over seeds: the share of the 2^n sign patterns whose
     mean is at least as far from 0 as the observed one (no normality assumed; 2^-(n-1) at the least)."""
     v = np.asarray(values, dtype=float)
+    if np.isnan(v).any():
+        raise ValueError("sign_flip_p: a value is nan; pass defined(values)")
     signs = 1 - 2 * ((np.arange(2 ** len(v))[:, None] >> np.arange(len(v))) & 1)   # (2^n, n) of +-1
     return float((np.abs(signs @ v) >= abs(v.sum()) * (1 - 1e-12)).mean())
 
@@ -157,54 +174,99 @@ def holm(p: dict, alpha: float = ALPHA) -> dict:
 # Per-seed statistics and the primary family
 # ---------------------------------------------------------------------------------------------
 
-def per_seed(m: dict, plain: dict | None = None, withheld=None, pairs=None) -> dict:
-    """One seed's numbers. With `plain` (the same seed's plain run): the classifier's change of the
-    absolute gain, d_i = gain_i - gain_i(plain), and its rank correlation with the overlap. With
-    `withheld` and `pairs`: the intervention's contrast, mean C1 of the pairs whose good twin's goal is
-    trained minus that of those whose good twin's goal is withheld, over pairs whose flawed twin's goal
-    is trained."""
-    high = m["grad"] > np.median(m["grad"])
-    out = {"C1": float(np.nanmean(m["C1"])), "rho": spearman(m["grad"], m["C1"]),
+def per_seed(m: dict, pairs: list, plain: dict | None = None, withheld=None) -> dict:
+    """One seed's numbers over its pairs. With `plain` (the same seed's plain run): the arm's change of
+    the absolute gain, d_i = gain_i - gain_i(plain), and its rank correlation with the overlap. With
+    `withheld` (Kitchen): the intervention's contrast, mean C1 of the pairs whose good twin's goal is
+    trained minus that of those whose good twin's goal is withheld, over the pairs whose flawed twin's goal
+    is trained and whose C1 is defined. Secondary: the same on the distinct pairs only (the sampler can
+    draw one pair twice), and the correlations with log pi_0(a | s_flawed) held fixed."""
+    grad = m["grad"] if plain is None else plain["grad"]  # the cold start's, which every arm shares
+    high = grad > np.median(grad)
+    first = distinct(pairs)
+    out = {"C1": float(np.nanmean(m["C1"])), "rho": spearman(grad, m["C1"]),
            "rho_embed": spearman(m["embed"], m["C1"]), "gain": float(m["gain"].mean()),
-           "rho_gain": spearman(m["grad"], m["gain"]), "C1_high": float(np.nanmean(m["C1"][high])),
+           "rho_gain": spearman(grad, m["gain"]), "C1_high": float(np.nanmean(m["C1"][high])),
            "C1_low": float(np.nanmean(m["C1"][~high])), "flawed": m["flawed"],
-           "n_C1": int((~np.isnan(m["C1"])).sum())}
+           "rho_pi0": spearman(grad, m["pi0"]), "rho_given_pi0": partial_spearman(grad, m["C1"], m["pi0"]),
+           "C1_distinct": float(np.nanmean(m["C1"][first])), "rho_distinct": spearman(grad[first], m["C1"][first]),
+           "n_distinct": int(first.sum()), "n_C1": int((~np.isnan(m["C1"])).sum())}
     if plain is not None:
         d = m["gain"] - plain["gain"]
-        out |= {"d": float(d.mean()), "rho_d": spearman(plain["grad"], d), "d_high": float(d[high].mean()),
-                "d_low": float(d[~high].mean())}
+        out |= {"d": float(d.mean()), "rho_d": spearman(grad, d), "d_high": float(d[high].mean()),
+                "d_low": float(d[~high].mean()), "rho_d_given_pi0": partial_spearman(grad, d, m["pi0"])}
     if withheld is not None:
-        good_out = np.array([p["goal_good"] in withheld for p in pairs])
-        flawed_in = np.array([p["goal_flawed"] not in withheld for p in pairs])
-        trained, untrained = m["C1"][flawed_in & ~good_out], m["C1"][flawed_in & good_out]
-        out |= {"contrast": float(np.nanmean(trained) - np.nanmean(untrained)),
-                "n_trained": int(len(trained)), "n_untrained": int(len(untrained))}
+        out |= intervention_contrast(m["C1"], pairs, withheld)
     return out
 
 
-def kitchen_pairs(seed: int) -> list[dict]:
-    """The pairs every Kitchen run of this seed logged (the sampler is a pure function of the seed)."""
-    return envs.KitchenEnv(split="train").twin_pairs(PAIRS, seed=seed)
+def intervention_contrast(C1: np.ndarray, pairs: list, withheld) -> dict:
+    """mean C1(T) - mean C1(U), T and U as per_seed says; also over the pairs whose visited side (the
+    state the sampler's agent reached under that goal) is the flawed twin."""
+    good_out = np.array([p["goal_good"] in withheld for p in pairs])
+    ok = np.array([p["goal_flawed"] not in withheld for p in pairs]) & ~np.isnan(C1)
+    seen = np.array([p.get("visited") == "flawed" for p in pairs])
+    diff = lambda keep: float(C1[keep & ~good_out].mean() - C1[keep & good_out].mean())  # noqa: E731
+    n = lambda keep: ((keep & ~good_out).sum(), (keep & good_out).sum())  # noqa: E731
+    if min(n(ok)) == 0:
+        return {"contrast": float("nan"), "contrast_seen": float("nan"), "n_trained": 0, "n_untrained": 0}
+    return {"contrast": diff(ok), "contrast_seen": diff(ok & seen) if min(n(ok & seen)) else float("nan"),
+            "n_trained": int(n(ok)[0]), "n_untrained": int(n(ok)[1])}
 
 
-def seed_table(runs: dict, seeds: list[int]) -> dict:
-    """(task, arm) -> {statistic: [one value per seed]}; the intervention's contrast is a difference in
-    differences: the contrast in the withhold run minus the same pairs' contrast in the plain run."""
-    stats = {}
+def distinct(pairs: list) -> np.ndarray:
+    """(P,) bool: True at the first draw of each distinct (good twin, flawed twin, action)."""
+    key = lambda p: (str(p["obs_good"].tolist() if hasattr(p["obs_good"], "tolist") else p["obs_good"]),  # noqa: E731
+                     str(p["obs_flawed"].tolist() if hasattr(p["obs_flawed"], "tolist") else p["obs_flawed"]),
+                     p["action"])
+    seen, out = set(), []
+    for p in pairs:
+        out.append(key(p) not in seen)
+        seen.add(key(p))
+    return np.array(out)
+
+
+def pairs_of(task: str, seed: int) -> list[dict]:
+    """The PAIRS pairs every run of (task, seed) logged: the sampler is a pure function of the seed, and
+    grpo_cls.probes_and_pairs calls it on the default env (a withhold run's env samples from every goal)."""
+    env = envs.KitchenEnv(split="train") if task == "text" else envs.LavaGridEnv(split="train")
+    return env.twin_pairs(PAIRS, seed=seed)
+
+
+def seed_table(runs: dict, seeds: list[int]) -> tuple[dict, list]:
+    """(task, arm) -> {statistic: [one value per seed]}, over the seeds where the arm's run and the
+    seed's plain run are both stored; and the (task, arm, seed) cells that are missing. The
+    intervention's statistic is a difference in differences: the contrast in the withhold run minus the
+    same pairs' contrast in the plain run. Every arm of a seed must share the plain run's iteration 0."""
+    stats, missing = {}, []
     for task, arms in ARMS_OF.items():
         for s in seeds:
-            plain = pair_measures(runs[(task, "plain", s)])
+            if (task, "plain", s) not in runs:
+                missing += [(task, a, s) for a in arms]
+                continue
+            plain, pairs = pair_measures(runs[(task, "plain", s)]), pairs_of(task, s)
+            if len(pairs) != len(plain["C1"]):
+                raise ValueError(f"{task} seed {s}: the run logged {len(plain['C1'])} pairs, the sampler gives "
+                                 f"{len(pairs)}")
             w = envs.KitchenEnv.withheld_goals(s) if task == "text" else None
-            pairs = kitchen_pairs(s) if task == "text" else None
-            base = per_seed(plain, withheld=w, pairs=pairs)
+            base = per_seed(plain, pairs, withheld=w)
             for arm in arms:
-                m = plain if arm == "plain" else pair_measures(runs[(task, arm, s)])
-                row = base if arm == "plain" else per_seed(m, plain, w, pairs)
+                if (task, arm, s) not in runs:
+                    missing.append((task, arm, s))
+                    continue
+                if arm == "plain":
+                    row = base
+                else:
+                    m = pair_measures(runs[(task, arm, s)])
+                    if not (np.array_equal(m["pi0"], plain["pi0"]) and np.array_equal(m["grad"], plain["grad"])):
+                        raise ValueError(f"{task} {arm} seed {s} did not start from the plain run's cold start")
+                    row = per_seed(m, pairs, plain, w)
                 if arm == "withhold":
                     row["did"] = row["contrast"] - base["contrast"]
+                    row["did_seen"] = row["contrast_seen"] - base["contrast_seen"]
                 for k, v in row.items():
                     stats.setdefault((task, arm), {}).setdefault(k, []).append(v)
-    return stats
+    return stats, missing
 
 
 PRIMARY = {  # name -> (task, arm, the statistics that must all be positive (+) or negative (-))
@@ -221,8 +283,10 @@ def family(stats: dict) -> dict:
     1 where a mean has the wrong sign) and whether Holm's procedure over the five rejects it."""
     p = {}
     for name, (task, arm, signs) in PRIMARY.items():
-        ps = [sign_flip_p(stats[(task, arm)][k]) if np.sign(np.mean(stats[(task, arm)][k])) == sign else 1.0
-              for k, sign in signs.items()]
+        ps = []
+        for k, sign in signs.items():
+            v = defined(stats.get((task, arm), {}).get(k, []))
+            ps.append(sign_flip_p(v) if len(v) >= 2 and np.sign(np.mean(v)) == sign else 1.0)
         p[name] = max(ps)
     shown = holm(p)
     return {name: (p[name], shown[name]) for name in PRIMARY}
@@ -232,7 +296,7 @@ def family(stats: dict) -> dict:
 # The report
 # ---------------------------------------------------------------------------------------------
 
-ROWS = [  # (statistic, what it is)
+ROWS = [  # (statistic, what it is); the primary family's are marked in the table
     ("C1", "mean C1 over pairs (relative: coupled action against the other flawed actions)"),
     ("rho", "Spearman(cold-start grad cosine, C1) over pairs"),
     ("rho_embed", "Spearman(cold-start embed cosine, C1) over pairs"),
@@ -240,44 +304,70 @@ ROWS = [  # (statistic, what it is)
     ("C1_low", "mean C1, pairs at or below it"),
     ("gain", "mean gain (absolute: Δ log pi(a | s_flawed))"),
     ("rho_gain", "Spearman(cold-start grad cosine, gain)"),
+    ("rho_pi0", "Spearman(cold-start grad cosine, log pi_0(a | s_flawed))"),
+    ("rho_given_pi0", "Spearman(grad cosine, C1), log pi_0 held fixed"),
+    ("C1_distinct", "mean C1, distinct pairs only"),
+    ("rho_distinct", "Spearman(grad cosine, C1), distinct pairs only"),
+    ("n_distinct", "distinct pairs of the 128"),
     ("d", "arm minus plain GRPO: mean change of the gain"),
     ("rho_d", "Spearman(cold-start grad cosine, that change)"),
+    ("rho_d_given_pi0", "the same, log pi_0 held fixed"),
     ("d_high", "that change, pairs above the median grad cosine"),
     ("d_low", "that change, pairs at or below it"),
-    ("contrast", "mean C1, good twin's goal trained minus withheld"),
+    ("contrast", "mean C1, good twin's goal trained (T) minus withheld (U)"),
+    ("n_trained", "pairs in T (flawed twin's goal trained, C1 defined)"),
+    ("n_untrained", "pairs in U"),
     ("did", "that contrast, withhold run minus plain run (same pairs)"),
+    ("did_seen", "the same, pairs whose flawed twin is the side the sampler visited"),
     ("flawed", "final flawed rate"),
 ]
 
 
-def report(stats: dict, seeds: list[int], run_minutes: float, iters: int, store_dir: str) -> str:
+def stat_cell(values: list, n: int) -> str:
+    """'mean ± half-width (p ...)', with 'k/n seeds' when the statistic is undefined on some seeds."""
+    v = defined(values)
+    if len(v) < 2:
+        return f"undefined ({len(v)}/{n} seeds)"
+    if all(float(x).is_integer() for x in v):  # a count
+        return f"{np.mean(v):.1f} (from {min(v):.0f} to {max(v):.0f})"
+    m, h = c.mean_ci(v)
+    return f"{m:+.3f} ± {h:.3f} (p {sign_flip_p(v):.3f})" + (f" ({len(v)}/{n} seeds)" if len(v) < n else "")
+
+
+def report(stats: dict, seeds: list[int], missing: list, run_minutes: float, iters: int, store_dir: str) -> str:
     fam = family(stats)
     n = len(seeds)
+    primary = {(t, a, k) for t, a, signs in PRIMARY.values() for k in signs}
     lines = [f"Generated by `python coupling.py --tables` from the stored runs in {store_dir}/ (trained by `make "
-             f"coupling`; the runs' single-thread times sum to {run_minutes:.0f} min, so about "
-             f"{run_minutes / 2:.0f} min on two workers): {iters}-iteration runs, seeds "
-             f"{seeds[0]}-{seeds[-1]}, {PAIRS} sampled twin pairs per (task, seed). Each cell: the mean over "
-             f"the {n} seeds of the per-seed statistic ± the half-width of its 95% Student-t interval, then "
-             f"the exact two-sided sign-flip p over the seeds (results/PROTOCOL.md, the sampled-pair matrix).",
+             f"coupling`; one thread a run, {run_minutes:.0f} CPU-minutes in all, cold starts counted once): "
+             f"{iters}-iteration runs, seeds {seeds[0]}-{seeds[-1]}, {PAIRS} sampled twin pairs per (task, "
+             f"seed). Each cell: the mean over the seeds of the per-seed statistic ± the half-width of its 95% "
+             f"Student-t interval, then the exact two-sided sign-flip p over the seeds. Rows in bold are the "
+             f"primary family's; every other row is exploratory (results/PROTOCOL.md, the sampled-pair matrix).",
              "", "### The primary family (Holm at 5% over five)", "",
-             "| hypothesis | p (intersection-union) | verdict |", "|---|---|---|"]
+             "| hypothesis | p (intersection-union) | verdict, Holm-corrected |", "|---|---|---|"]
     for name, (p, shown) in fam.items():
-        lines.append(f"| {name} | {p:.4f} | {'shown' if shown else 'not shown'} |")
+        lines.append(f"| {name} | {p:.4f} | {'**shown**' if shown else 'not shown'} |")
+    if missing:
+        lines += ["", "Missing runs (reported, never replaced): " + ", ".join(f"{t} {a} seed {s}"
+                                                                           for t, a, s in missing)]
     for task, arms in ARMS_OF.items():
         lines += ["", f"### {task}", "", "| statistic | " + " | ".join(arms) + " |",
                   "|---" * (len(arms) + 1) + "|"]
         for k, text in ROWS:
-            cells = []
-            for arm in arms:
-                v = stats[(task, arm)].get(k)
-                if v is None:
-                    cells.append("")
-                    continue
-                m, h = c.mean_ci(v)
-                cells.append(f"{m:+.3f} ± {h:.3f} (p {sign_flip_p(v):.3f})")
+            cells = [stat_cell(stats[(task, arm)][k], n) if k in stats.get((task, arm), {}) else "" for arm in arms]
+            cells = [f"**{x}**" if (task, arm, k) in primary else x for x, arm in zip(cells, arms)]
             if any(cells):
                 lines.append(f"| {text} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cpu_minutes(runs: dict) -> float:
+    """The single-thread minutes the stored runs took: each arm's training, and each cold start once
+    (every arm's wall_s starts from its cold start's)."""
+    train = sum(rows[-1]["wall_s"] - rows[0]["wall_s"] for rows in runs.values())
+    cold = {(t, s): rows[0]["wall_s"] for (t, _, s), rows in runs.items()}
+    return (train + sum(cold.values())) / 60
 
 
 def plot_dose(runs: dict, seeds: list[int], path: str):
@@ -291,8 +381,9 @@ def plot_dose(runs: dict, seeds: list[int], path: str):
         for row, key in enumerate(("C1", "gain")):
             ax = axes[row, col]
             for arm, colour in (("plain", "tab:red"), ("cls-oracle", "tab:blue")):
-                ms = [pair_measures(runs[(task, arm, s)]) for s in seeds]
-                x = np.concatenate([pair_measures(runs[(task, "plain", s)])["grad"] for s in seeds])
+                have = [s for s in seeds if (task, arm, s) in runs and (task, "plain", s) in runs]
+                ms = [pair_measures(runs[(task, arm, s)]) for s in have]
+                x = np.concatenate([pair_measures(runs[(task, "plain", s)])["grad"] for s in have])
                 y = np.concatenate([m[key] for m in ms])
                 ax.scatter(x, y, s=4, alpha=0.25, color=colour)
                 edges = np.quantile(x, np.linspace(0, 1, 7))
@@ -321,7 +412,7 @@ def plot_growth(runs: dict, seeds: list[int], path: str):
         for arm, style in (("plain", "-"), ("cls-oracle", "--")):
             for half, colour in (("high", "tab:red"), ("low", "tab:grey")):
                 curves = []
-                for s in seeds:
+                for s in [s for s in seeds if (task, arm, s) in runs and (task, "plain", s) in runs]:
                     m, grad = pair_measures(runs[(task, arm, s)]), pair_measures(runs[(task, "plain", s)])["grad"]
                     high = grad > np.median(grad)
                     curves.append(np.nanmean(m["curve"][:, high if half == "high" else ~high], 1))
@@ -363,6 +454,15 @@ def parse_args(argv=None):
     return args
 
 
+def run_or_report(job: tuple) -> tuple:
+    """compare.run_job in a worker, with a failure returned rather than raised: one run that fails
+    (a non-finite loss, say) is reported as missing and the matrix goes on."""
+    try:
+        return c.run_job(job), None
+    except Exception as e:  # noqa: BLE001  (any failure of one run)
+        return job, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
 def train_missing(args) -> float:
     """Run every cell not yet stored, seed by seed; store each run as it finishes. Returns the minutes."""
     import multiprocessing as mp
@@ -390,8 +490,11 @@ def train_missing(args) -> float:
     stored_as = {cell(*x)[0]: cell(*x)[1] for x in cells}
     with mp.get_context("spawn").Pool(args.workers) as pool, \
             tqdm(total=len(todo_arms), desc="runs", unit="run") as bar:
-        for job in pool.imap_unordered(c.run_job, todo_arms):
-            store(job[1]["out"], stored_as[job[1]["out"]], RUN_NAMES)
+        for job, failed in pool.imap_unordered(run_or_report, todo_arms):
+            if failed:
+                print(f"coupling.py: {job[1]['out']} failed ({failed}); it is reported as missing", file=sys.stderr)
+            else:
+                store(job[1]["out"], stored_as[job[1]["out"]], RUN_NAMES)
             bar.update()
     for j in jobs:  # finished in a run folder before it could be stored
         if j not in todo_arms and not is_stored(stored_as[j[1]["out"]]):
@@ -408,27 +511,31 @@ def main(argv=None):
         except KeyboardInterrupt:
             sys.exit(f"coupling.py: interrupted; {args.store} keeps every finished run, and the same command "
                      f"skips them")
-    runs, missing = {}, []
+    runs, iters = {}, set()
     for t, arms in ARMS_OF.items():
         for a in arms:
             for s in args.seeds:
                 d = os.path.join(args.store, f"{t}-{a}-seed{s}")
-                if os.path.isfile(os.path.join(d, "metrics.jsonl.gz")):
-                    runs[(t, a, s)] = load_rows(d)
-                else:
-                    missing.append(d)
-    if missing:
-        sys.exit(f"coupling.py: {len(missing)} stored runs missing (first: {missing[0]}); run `make coupling`")
-    stats = seed_table(runs, args.seeds)
-    block = report(stats, args.seeds, sum(rows[-1]["wall_s"] for rows in runs.values()) / 60, args.iters,
-                   args.store)
+                if not is_stored(d):
+                    continue
+                saved, want = json.load(open(os.path.join(d, "config.json"))), arm_overrides(t, a, s)
+                wrong = [k for k, v in (want | {"seed": s}).items() if k != "baseline" and saved.get(k) != v]
+                if wrong:
+                    sys.exit(f"coupling.py: {d} is not the run this matrix asks for ({', '.join(wrong)} differ)")
+                runs[(t, a, s)], _ = load_rows(d), iters.add(saved["iters"])
+    if not runs:
+        sys.exit(f"coupling.py: no stored runs in {args.store}; run `make coupling`")
+    if len(iters) > 1:
+        sys.exit(f"coupling.py: the stored runs have different lengths ({sorted(iters)})")
+    stats, missing = seed_table(runs, args.seeds)
+    block = report(stats, args.seeds, missing, cpu_minutes(runs), iters.pop(), args.store)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "coupling.md"), "w") as f:
         f.write("# Claim 3b over sampled twin pairs: the dose-response and the intervention\n\n" + block + "\n")
     plot_dose(runs, args.seeds, os.path.join(args.out, "dose_response.png"))
     plot_growth(runs, args.seeds, os.path.join(args.out, "coupling_growth.png"))
     if not args.no_doc:
-        c.update_doc(block, marker="coupling", path="docs/claims.md")
+        c.update_doc(block, marker="pairs", path="docs/claims.md")
     print(block)
 
 

@@ -33,7 +33,9 @@ Deviations from the paper (see the README for the reasons):
   5. `--adv gigpo` (GiGPO's step-level advantage, arXiv:2505.10978) is a baseline for comparison only;
      like every term here it acts on the steps of untied groups only.
   6. `--shaping` is a control the paper does not run: the classifier's labels carried by the reward
-     (minus lambda per bad step) instead of by a loss on the pair embedding.
+     (minus lambda per bad step) instead of by a loss on the pair embedding. So are `--cls-channel
+     placebo` (the classifier on permuted labels: its optimizer effects without the information) and
+     `--cls-channel policy` (the same labelled steps as a +-1 advantage on log pi, no second head).
   7. Each stream's gradient is clipped to --max-grad-norm on its own, then the two are summed into one
      Adam step. A TRL or verl user would clip the summed loss once; that clip lets the classifier shrink
      the policy-gradient step (joint_clip_pg_scale logs by how much). Adam's moments stay shared
@@ -67,6 +69,7 @@ import envs  # noqa: F401  (registers grpo_cls/LavaGrid-v0 and grpo_cls/Kitchen-
 ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0"}
 CLS_LABELS = ("advantage", "oracle", "step", "loop")
 CLS_DESIGNS = ("shared", "separate")
+CLS_CHANNELS = ("head", "placebo", "policy")
 ADVANTAGES = ("grpo", "gigpo")
 SCALE_REWARDS = ("group", "batch", "none")
 ACTION_MASKS = ("env", "none")
@@ -116,6 +119,11 @@ class Config:
     cls_design: str = arg("shared", "classifier: a head on the policy's own pair embedding phi(s, a) "
                           "(shared), or a second pass through the trunk with the action as an extra input "
                           "token (separate)", CLS_DESIGNS)
+    cls_channel: str = arg("head", "what carries the labels, on the same labelled steps: the classifier "
+                           "(head, GCD); the classifier with the labels permuted among each batch's labelled "
+                           "steps (placebo: the base rate kept, the information gone); or no classifier loss "
+                           "but a policy-gradient term with advantage +1 (good) or -1 (bad), weighted "
+                           "--cls-weight (policy: the labels through log pi itself)", CLS_CHANNELS)
     shaping: str = arg("none", "reward-shaping control: the outcome reward minus --shaping-lambda for each "
                        "step the oracle's flag (oracle) or the loop labels (loop) call bad; the classifier's "
                        "information carried by the reward instead", SHAPING)
@@ -526,23 +534,45 @@ def add_grads(a: list, b: list) -> list:
     return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
 
 
-def classifier_stream(policy, cfg: Config, x, m, a, y, labelled, jdx, params: list) -> tuple:
-    """The classifier's term on its share jdx (b',) of labelled steps, in pieces of minibatch_size samples,
+def placebo_labels(y, labelled, gen):
+    """--cls-channel placebo: the labels y (B,) permuted among the labelled steps, with `gen`. The share
+    labelled bad is kept exactly; which step carries which label is independent of the step."""
+    idx = torch.nonzero(labelled).squeeze(1)
+    shuffled = y.clone()
+    shuffled[idx] = y[idx[torch.randperm(len(idx), device=y.device, generator=gen)]]
+    return shuffled
+
+
+def labels_through_policy(policy, cfg: Config, x, m, a, logp_old, y, labelled):
+    """--cls-channel policy, on one piece of the side stream: the clipped surrogate with the label as
+    the advantage, +1 for a good step and -1 for a bad one, averaged over the labelled steps."""
+    logp = torch.log_softmax(policy(x, m)[0], -1).gather(1, a[:, None]).squeeze(1)        # (b,)
+    per_sample = clipped_surrogate(logp, logp_old, 1 - 2 * y.float(), cfg.epsilon)
+    return (per_sample * labelled).sum() / labelled.sum().clamp(min=1)
+
+
+def classifier_stream(policy, cfg: Config, x, m, a, logp_old, y, labelled, jdx, params: list) -> tuple:
+    """The side stream's term on its share jdx (b',) of labelled steps, in pieces of minibatch_size samples,
     so that peak memory is one minibatch's however large b' grows (the last piece is padded with a repeat
     that carries no weight: every piece has one shape, and glibc's heap then does not fragment and climb).
-    Returns the verdicts c (b',), cls_loss (the mean over jdx, as one forward would give) and the gradient
-    of cls_weight * cls_loss."""
+    The term is the classifier's loss, or with --cls-channel policy the labels' policy-gradient term.
+    Returns the verdicts c (b',; None without a classifier loss), cls_loss (the mean over jdx, as one
+    forward would give) and the gradient of cls_weight * cls_loss."""
     c, cls_loss, grads = [], torch.zeros((), device=x.device), [None] * len(params)
     for part in jdx.split(cfg.minibatch_size):                                    # (<= minibatch_size,)
         n = len(part)
         real = torch.arange(cfg.minibatch_size, device=x.device) < n            # (minibatch_size,)
         part = torch.cat([part, part[:1].expand(cfg.minibatch_size - n)])  # one shape for every piece
-        c_part = classifier_verdict(policy, x[part], m[part], a[part])
-        part_loss = classification_loss(c_part, y[part], labelled[part] & real) * (n / len(jdx))
+        if cfg.cls_channel == "policy":
+            part_loss = labels_through_policy(policy, cfg, x[part], m[part], a[part], logp_old[part], y[part],
+                                              labelled[part] & real) * (n / len(jdx))
+        else:
+            c_part = classifier_verdict(policy, x[part], m[part], a[part])
+            part_loss = classification_loss(c_part, y[part], labelled[part] & real) * (n / len(jdx))
+            c.append(c_part[:n].detach())
         grads = add_grads(grads, torch.autograd.grad(cfg.cls_weight * part_loss, params, allow_unused=True))
-        c.append(c_part[:n].detach())
         cls_loss = cls_loss + part_loss.detach()
-    return torch.cat(c), cls_loss, grads
+    return (torch.cat(c) if c else None), cls_loss, grads
 
 
 def ratio_or_nan(num, den):
@@ -589,7 +619,8 @@ def adam_pg_step_scale(opt, params: list, g_pg: list, shared: list[int]):
     return ratio_or_nan(total_norm(mine), total_norm(alone)) if mine else None
 
 
-def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_gen=None) -> dict:
+def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_gen=None,
+                label_gen=None) -> dict:
     """num_iterations epochs of minibatch steps on the batch. A (S,) is each step sample's advantage,
     step the step-level labels or None.
 
@@ -599,8 +630,9 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
     of groups that only the shaped reward separates (shaping_steps), which join the policy-gradient
     minibatches. Neither changes the plain samples, their order or the number of steps. Each stream's
     gradient is clipped to max_grad_norm on its own and the two are summed into one Adam step, so the
-    classifier never shrinks the policy gradient through the clip (test_fair_update_*). Returns the mean
-    of each logged term and the counts of update_stats()."""
+    classifier never shrinks the policy gradient through the clip (test_fair_update_*). The placebo's
+    permutation is drawn with a third generator, `label_gen`, so that it takes the classifier's very
+    steps. Returns the mean of each logged term and the counts of update_stats()."""
     x, m = torch.as_tensor(batch["tokens"], device=device), torch.as_tensor(batch["mask"], device=device)
     a, logp_old = (torch.as_tensor(batch[k], device=device) for k in ("action", "logp"))
     flawed = torch.as_tensor(batch["flawed"], device=device)
@@ -611,6 +643,9 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
                                  else np.zeros(0, dtype=np.int64), device=device)              # (S_shaped,)
     if policy.cls_design:
         y, labelled = cls_targets(cfg.cls_labels, A, flawed, step)
+        if cfg.cls_channel == "placebo":
+            label_gen = label_gen or torch.Generator(device=device).manual_seed(cfg.seed + 2)
+            y = placebo_labels(y, labelled, label_gen)
         cls_idx = torch.nonzero(labelled).squeeze(1)                                           # (S_cls,)
     logs = []
     for _ in range(cfg.num_iterations if len(pg_idx) else 0):  # every outcome tied: nothing to learn
@@ -631,19 +666,20 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
             grads, t["c"], t["cls_loss"] = g_pg_clipped, None, torch.zeros((), device=device)
             t["cls_grad_norm"], shared = torch.zeros((), device=device), []
             if jdx is not None and len(jdx):
-                t["c"], t["cls_loss"], g_cls = classifier_stream(policy, cfg, x, m, a, y, labelled, jdx,
-                                                                 params)
+                t["c"], t["cls_loss"], g_cls = classifier_stream(policy, cfg, x, m, a, logp_old, y, labelled,
+                                                                 jdx, params)
                 g_cls_clipped, norm_cls = clip_to_norm(g_cls, cfg.max_grad_norm)
                 grads = add_grads(grads, g_cls_clipped)
                 shared = shared_params(g_pg, g_cls)
                 t |= clip_stats(g_pg, g_cls, shared, t["grad_norm"], norm_cls, cfg.max_grad_norm)
+                t["side"] = True
             for p, grad in zip(params, grads):  # clip(grad(pg_loss + beta * kl)) + clip(grad(w * cls_loss))
                 p.grad = grad
             opt.step()
             if policy.cls_design:  # every step: the shadow second moment keeps pace with Adam's own
                 t["adam_pg_step_scale"] = adam_pg_step_scale(opt, params, g_pg_clipped, shared)
             logs.append(step_stats(t, cfg, m[idx], logp_old[idx], *(
-                (flawed[jdx], y[jdx]) if t["c"] is not None else (None, None))))
+                (flawed[jdx], y[jdx]) if t.get("side") else (None, None))))
     n_pg = len(pg_idx) + len(shaped_idx) if len(pg_idx) else 0
     return update_stats(logs, cfg, batch, policy, ref, labelled if policy.cls_design else None, n_pg)
 
@@ -787,7 +823,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
     check_label_source(cfg, train_envs[0])
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     cls_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the classifier's own sample stream
-    run = RunState(cfg, policy, opt, ref=None, gen=gen, rng=rng, cls_gen=cls_gen)
+    label_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # the placebo's permutations
+    run = RunState(cfg, policy, opt, ref=None, gen=gen, rng=rng, cls_gen=cls_gen, label_gen=label_gen)
     with ctrl_c_stops_the_run() as stop, RunLog(run, checkpoint) as log:
         if checkpoint is None:
             cold_start(policy, cfg, train_envs, tok, rng, gen, device)
@@ -808,7 +845,8 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
             for group in run.opt.param_groups:
                 group["lr"] = cfg.lr * (1 - (it - 1) / cfg.iters if cfg.anneal_lr else 1)
             with log.timer("update"):
-                stats = grpo_update(policy, run.ref, run.opt, cfg, batch, A, step, gen, device, run.cls_gen)
+                stats = grpo_update(policy, run.ref, run.opt, cfg, batch, A, step, gen, device, run.cls_gen,
+                                    run.label_gen)
             check_finite(stats, it, cfg)  # a NaN stops the run here; the last checkpoint stays as it was
             # 4. evaluation every eval_every iterations; between them, the twin probes every diag_every
             if it % cfg.eval_every == 0 or it == cfg.iters:
@@ -991,6 +1029,14 @@ def check_config(cfg: Config):
         raise ValueError(f"--gamma must be in [0, 1], got {cfg.gamma}")
     if cfg.sft_noise > 1 or cfg.sft_steps < 0:
         raise ValueError("--sft-noise must be in [0, 1] and --sft-steps >= 0")
+    if cfg.cls_channel not in CLS_CHANNELS:
+        raise ValueError(f"--cls-channel must be one of {', '.join(CLS_CHANNELS)}, got {cfg.cls_channel!r}")
+    if cfg.cls_channel != "head" and cfg.cls_weight == 0:
+        raise ValueError(f"--cls-channel {cfg.cls_channel} carries the labels in the side stream: give it "
+                         f"--cls-weight > 0")
+    if cfg.cls_channel == "policy" and cfg.cls_design != "shared":
+        raise ValueError("--cls-channel policy trains no classifier, so it has no --cls-design; leave it "
+                         "shared")
     if cfg.shaping != "none" and cfg.cls_weight > 0:
         raise ValueError("--shaping is the classifier's control: use it with --cls-weight 0 (one channel "
                          "at a time)")
@@ -999,7 +1045,8 @@ def check_config(cfg: Config):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use auto or cpu")
     if not cfg.out:
-        cfg.out = f"runs/{short_name(cfg.env)}-cls{cfg.cls_weight:g}-seed{cfg.seed}"
+        channel = "" if cfg.cls_channel == "head" else f"-{cfg.cls_channel}"
+        cfg.out = f"runs/{short_name(cfg.env)}-cls{cfg.cls_weight:g}{channel}-seed{cfg.seed}"
 
 
 def short_name(env_id: str) -> str:
@@ -1055,11 +1102,12 @@ def step_stats(t: dict, cfg: Config, m, logp_old, flawed, y) -> dict:
          "clip_frac": ((t["logp"] - logp_old).exp().sub(1).abs() > cfg.epsilon).float().mean().detach(),
          "pg_grad_norm": t["grad_norm"], "grad_clipped": (t["grad_norm"] > cfg.max_grad_norm).double(),
          "finite": torch.stack([torch.isfinite(t[k]).all() for k in CHECKED])}
+    if t.get("side"):  # a side share this step: its gradient beside the pg's
+        s |= {k: t[k].double() for k in CLIP_KEYS if t.get(k) is not None} | {"side": True}
     if t["c"] is not None:  # the classifier's verdict (c > 0 means bad) against its labels and the oracle
         said_bad = t["c"].detach() > 0
         s |= {"cls_correct": (said_bad == (y > 0)).sum(), "oracle_correct": (said_bad == flawed).sum(),
               "classified": torch.tensor(len(y), device=y.device)}
-        s |= {k: t[k].double() for k in CLIP_KEYS if t.get(k) is not None}  # its gradient beside the pg's
     return s
 
 
@@ -1077,12 +1125,14 @@ def update_stats(logs: list[dict], cfg: Config, batch, policy, ref, labelled, n_
         finite = torch.stack([s["finite"] for s in logs]).tolist()  # (steps, terms)
         first_bad = next((row for row in finite if not all(row)), None)  # later steps inherit its NaN
         out["nonfinite"] = CHECKED[first_bad.index(False)] if first_bad else None
-    counted = [s for s in logs if "classified" in s]  # the steps whose classifier minibatch was not empty
-    if counted:
-        out["cls_loss"] = torch.stack([s["cls_loss"] for s in counted]).mean().item()
-        total = lambda k: torch.stack([s[k] for s in counted]).sum().item()  # noqa: E731
+    counted = [s for s in logs if "side" in s]  # the steps whose side-stream share was not empty
+    classified = [s for s in counted if "classified" in s]  # of those, the ones with a classifier verdict
+    if classified:
+        total = lambda k: torch.stack([s[k] for s in classified]).sum().item()  # noqa: E731
         out["cls_acc"] = total("cls_correct") / total("classified")
         out["cls_oracle_acc"] = total("oracle_correct") / total("classified") if batch["has_oracle"] else None
+    if counted:
+        out["cls_loss"] = torch.stack([s["cls_loss"] for s in counted]).mean().item()
         for k in CLIP_KEYS:  # NaN marks a step where a ratio is undefined (its denominator was 0)
             v = torch.stack([s[k] for s in counted if k in s]).nanmean().item() if k in counted[0] else None
             out[k.replace("clipped", "clipped_frac")] = None if v is None or math.isnan(v) else v
@@ -1148,6 +1198,7 @@ class RunState:
     gen: torch.Generator
     rng: np.random.Generator
     cls_gen: torch.Generator
+    label_gen: torch.Generator | None = None  # --cls-channel placebo's permutations
     metrics: list = field(default_factory=list)
 
 
@@ -1321,7 +1372,8 @@ def save_checkpoint(run: RunState):
     torch.save({"model": run.policy.state_dict(), "optimizer": run.opt.state_dict(),
                 "ref": run.ref.state_dict() if run.ref is not None else None,
                 "rng": {"numpy": run.rng.bit_generator.state, "torch_gen": run.gen.get_state(),
-                        "torch": torch.get_rng_state(), "cls_gen": run.cls_gen.get_state()},
+                        "torch": torch.get_rng_state(), "cls_gen": run.cls_gen.get_state(),
+                        "label_gen": run.label_gen.get_state() if run.label_gen is not None else None},
                 "iter": run.metrics[-1]["iter"], "metrics": run.metrics,
                 "config": dataclasses.asdict(run.cfg), "update": UPDATE_VERSION}, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -1362,12 +1414,15 @@ def restore(ckpt: dict, run: RunState) -> list[dict]:
     torch.set_rng_state(ckpt["rng"]["torch"])
     if "cls_gen" in ckpt["rng"]:  # an iteration-0 checkpoint written before any classifier existed lacks it
         run.cls_gen.set_state(ckpt["rng"]["cls_gen"])
+    if ckpt["rng"].get("label_gen") is not None and run.label_gen is not None:  # older ones lack it too
+        run.label_gen.set_state(ckpt["rng"]["label_gen"])
     return list(ckpt["metrics"])
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UPDATE_VERSION = 2  # config.json's "update": 2 clips each stream on its own; a run without it had one clip
-NOT_COMPARED = ("cls_weight", "cls_labels", "cls_design", "out", "overwrite", "resume", "quiet",
+NOT_COMPARED = ("cls_weight", "cls_labels", "cls_design", "cls_channel", "out", "overwrite", "resume",
+                "quiet",
                 "no_plots", "baseline", "device", "threads", "twin_pairs")  # where a baseline may differ
 
 

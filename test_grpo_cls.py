@@ -920,15 +920,19 @@ def fair_plain(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arm", [{"cls_labels": "advantage"}, {"cls_labels": "oracle"}, {"cls_labels": "step"},
-                                 {"cls_labels": "loop"}, {"cls_labels": "oracle", "cls_design": "separate"}])
+                                 {"cls_labels": "loop"}, {"cls_labels": "oracle", "cls_design": "separate"},
+                                 {"cls_labels": "oracle", "cls_channel": "placebo"},
+                                 {"cls_labels": "oracle", "cls_channel": "policy"}])
 def test_fair_update_a_classifier_weighted_zero_trains_the_policy_bit_for_bit_as_plain_grpo(tmp_path, monkeypatch,
                                                                                             arm, fair_plain):
-    """The classifier is built, labelled and in the loss, but its term is multiplied by 0: the policy's
-    parameters and every policy metric must then equal plain GRPO's exactly. A sample rule, a mean or a
-    step count that depended on the labels would break it (the arm would see other minibatches)."""
+    """The classifier (or the placebo, or the labels' policy term) is built, labelled and in the loss, but
+    its term is multiplied by 0: the policy's parameters and every policy metric must then equal plain
+    GRPO's exactly. A sample rule, a mean or a step count that depended on the labels would break it (the
+    arm would see other minibatches)."""
     init, plain_params, plain_rows = fair_plain
-    real = g.classification_loss
+    real, real_policy = g.classification_loss, g.labels_through_policy
     monkeypatch.setattr(g, "classification_loss", lambda c, y, labelled: 0.0 * real(c, y, labelled))
+    monkeypatch.setattr(g, "labels_through_policy", lambda *args: 0.0 * real_policy(*args))
     arm_cfg = tiny(out=str(tmp_path / "arm"), cls_weight=0.5, **FAIR, **arm)
     arm_params, arm_rows = train_from(init, arm_cfg)
     for name, value in plain_params.items():
@@ -1035,11 +1039,11 @@ def test_the_classifier_stream_runs_in_pieces_of_at_most_a_minibatch_with_the_lo
     params = list(policy.parameters())
     sizes, real = [], g.classifier_verdict
     monkeypatch.setattr(g, "classifier_verdict", lambda p, xs, *r: sizes.append(len(xs)) or real(p, xs, *r))
-    c, cls_loss, grads = g.classifier_stream(policy, cfg, x, m, a, y, labelled, jdx, params)
+    c, cls_loss, grads = g.classifier_stream(policy, cfg, x, m, a, None, y, labelled, jdx, params)
     assert sizes == [64, 64, 64] and c.shape == (150,)
     for n, pieces in ((10, [64]), (128, [64, 64])):  # a short share is padded; an exact multiple is not
         sizes.clear()
-        assert g.classifier_stream(policy, cfg, x, m, a, y, labelled, jdx[:n], params)[0].shape == (n,)
+        assert g.classifier_stream(policy, cfg, x, m, a, None, y, labelled, jdx[:n], params)[0].shape == (n,)
         assert sizes == pieces
     whole = g.classification_loss(real(policy, x[jdx], m[jdx], a[jdx]), y[jdx], labelled[jdx])
     assert cls_loss.item() == pytest.approx(whole.item(), rel=1e-5)
@@ -1397,15 +1401,62 @@ def test_sign_flip_p_is_exact_and_holm_steps_down():
 
 
 def test_the_intervention_contrast_is_trained_minus_withheld_good_twins_over_trained_flawed_twins():
-    pairs = [{"goal_good": gg, "goal_flawed": gf} for gg, gf in
-             [("A", "X"), ("B", "X"), ("W1", "X"), ("W2", "X"), ("A", "W1")]]
-    m = {"C1": np.array([1.0, 3.0, 0.5, np.nan, 9.0]), "grad": np.arange(5.0), "embed": np.arange(5.0),
-         "gain": np.array([0.0, 2, 1, 4, 3]), "flawed": 0.1}
-    row = coupling.per_seed(m, withheld={"W1", "W2"}, pairs=pairs)
-    # T = pairs 0, 1 (mean 2); U = pairs 2, 3 (mean 0.5, the nan skipped); pair 4's flawed twin is withheld
-    assert row["contrast"] == pytest.approx(1.5) and (row["n_trained"], row["n_untrained"]) == (2, 2)
-    shifted = coupling.per_seed(m | {"gain": m["gain"] + np.arange(5.0)}, plain=m)  # gains more with overlap
-    assert shifted["rho_d"] == pytest.approx(1) and shifted["d"] == pytest.approx(2)
+    pairs = [{"goal_good": gg, "goal_flawed": gf, "obs_good": f"o{i}", "obs_flawed": "x", "action": 0,
+              "visited": "flawed"} for i, (gg, gf) in enumerate([("A", "X"), ("B", "X"), ("W1", "X"), ("W2", "X"),
+                                                                  ("W2", "X"), ("A", "W1")])]
+    m = {"C1": np.array([1.0, 3.0, 0.5, 0.0, np.nan, 9.0]), "grad": np.arange(6.0), "embed": np.arange(6.0),
+         "gain": np.array([0.0, 2, 1, 4, 3, 5]), "pi0": np.array([0.0, 1, 0, 1, 0, 1]), "flawed": 0.1}
+    row = coupling.per_seed(m, pairs, withheld={"W1", "W2"})
+    # T = pairs 0, 1 (mean 2); U = pairs 2, 3 (mean 0.25; pair 4's C1 is undefined); pair 5's flawed twin is withheld
+    assert row["contrast"] == pytest.approx(1.75) and (row["n_trained"], row["n_untrained"]) == (2, 2)
+    assert row["n_distinct"] == 6 and coupling.distinct(pairs[:4] + pairs[:1]).tolist() == [True] * 4 + [False]
+    shifted = coupling.per_seed(m | {"gain": m["gain"] + np.arange(6.0)}, pairs, plain=m)  # gains more with overlap
+    assert shifted["rho_d"] == pytest.approx(1) and shifted["d"] == pytest.approx(2.5)
+
+
+def fake_run(flawed_probs: list, control: list, grad: list) -> list[dict]:
+    """Metric rows of a run whose pair probabilities are given per diagnostic iteration."""
+    rows = [{"iter": 2 * t, "pair_flawed_probs": f, "pair_control_probs": cp, "flawed_rate": 0.2,
+             "pair_embed_cos": [1.0] * len(f), "pair_grad_cos": grad if t == 0 else None, "wall_s": 10.0 + t}
+            for t, (f, cp) in enumerate(zip(flawed_probs, control))]
+    return rows
+
+
+def test_seed_table_reads_every_arm_against_its_seeds_plain_run_and_reports_what_is_missing(monkeypatch):
+    """Two pairs per seed; pair 1's good twin's goal is withheld. Plain GRPO: pair 1's coupled action
+    doubles against a steady control (C1 = log 2), pair 0's is steady (C1 = 0), so the contrast T - U is
+    -log 2. The withhold run loses pair 1's gain: contrast 0, a difference in differences of +log 2, the
+    predicted sign. A missing run is listed; an arm that did not start from its plain run's cold start
+    is refused."""
+    pairs = [{"goal_good": "G0", "goal_flawed": "F", "obs_good": "a", "obs_flawed": "b", "action": 0},
+             {"goal_good": "G1", "goal_flawed": "F", "obs_good": "c", "obs_flawed": "d", "action": 0}]
+    monkeypatch.setattr(coupling, "pairs_of", lambda task, seed: pairs)
+    monkeypatch.setattr(coupling, "ARMS_OF", {"text": ("plain", "withhold")})
+    monkeypatch.setattr(envs.KitchenEnv, "withheld_goals", staticmethod(lambda s: {"G1"}))
+    grad = [0.9, 0.1]
+    plain = fake_run([[0.1, 0.1], [0.1, 0.2], [0.1, 0.2]], [[0.1, 0.1]] * 3, grad)
+    withhold = fake_run([[0.1, 0.1]] * 3, [[0.1, 0.1]] * 3, grad)
+    runs = {("text", "plain", 1): plain, ("text", "withhold", 1): withhold, ("text", "plain", 2): plain}
+    stats, missing = coupling.seed_table(runs, [1, 2])
+    np.testing.assert_allclose(stats[("text", "plain")]["C1"], [np.log(2) / 2] * 2)
+    np.testing.assert_allclose(stats[("text", "plain")]["contrast"], [-np.log(2)] * 2)  # T = pair 0, U = pair 1
+    np.testing.assert_allclose(stats[("text", "withhold")]["did"], [np.log(2)])
+    assert np.isnan(stats[("text", "withhold")]["rho_d"][0])  # two pairs: a rank correlation is not defined
+    assert missing == [("text", "withhold", 2)] and len(stats[("text", "withhold")]["did"]) == 1
+    other_start = fake_run([[0.3, 0.1], [0.2, 0.2], [0.2, 0.2]], [[0.1, 0.1]] * 3, grad)
+    with pytest.raises(ValueError, match="cold start"):
+        coupling.seed_table(runs | {("text", "withhold", 2): other_start}, [1, 2])
+    assert coupling.cpu_minutes(runs) == pytest.approx((3 * 2 + 10 * 2) / 60)  # each cold start once
+
+
+def test_the_pairs_the_analysis_reads_are_the_pairs_every_arm_logged():
+    """coupling.pairs_of(task, seed) against what grpo_cls gives a run of each arm, withhold included."""
+    for task, arm in (("text", "plain"), ("text", "withhold"), ("grid", "cls-oracle")):
+        cfg = g.Config(env=task, seed=8201, out="unused", **coupling.arm_overrides(task, arm, 8201))
+        logged = g.probes_and_pairs(cfg, g.make_envs(cfg, 1)[0])[1]
+        mine = coupling.pairs_of(task, 8201)
+        assert len(logged) == len(mine) == coupling.PAIRS
+        assert [p["note"] for p in logged] == [p["note"] for p in mine]
 
 
 def test_family_needs_every_statistic_of_a_hypothesis_in_its_predicted_direction():
@@ -1415,6 +1466,10 @@ def test_family_needs_every_statistic_of_a_hypothesis_in_its_predicted_direction
              ("text", "withhold"): {"did": [1.0] * 9 + [-1.0]}}
     fam = coupling.family(stats)
     assert fam["H1 coupling, text"] == (2 / 1024, True) and fam["H3 classifier flattens, text"][1]
+    with pytest.raises(ValueError, match="nan"):
+        coupling.sign_flip_p([1.0, float("nan")])
+    undefined = coupling.family(stats | {("text", "plain"): {"C1": up[:9] + [float("nan")], "rho": up}})
+    assert undefined["H1 coupling, text"] == (2 / 512, True)  # the seed without a value is left out
     assert fam["H2 coupling, grid"] == (1.0, False) and fam["H4 classifier flattens, grid"] == (1.0, False)
     assert fam["H5 intervention, text"] == (22 / 1024, False)  # 0.021 > 0.05 / 3, Holm's third threshold
 
@@ -1433,3 +1488,83 @@ def test_a_stored_run_unpacks_to_the_same_bytes_and_stores_reproducibly(tmp_path
     assert all((back / n).read_bytes() == (run / n).read_bytes() for n in ("config.json", "summary.json",
                                                                           "metrics.jsonl"))
     assert coupling.load_rows(str(stored)) == [{"iter": 0}] * 50
+
+
+# ---------------------------------------------------------------------------------------------
+# What carries the cure: the placebo and the labels through the policy share the classifier's steps
+# ---------------------------------------------------------------------------------------------
+
+def test_placebo_labels_keep_the_base_rate_and_agree_with_the_oracle_at_chance():
+    """A batch of 10 steps, 8 labelled, 3 of them bad (the oracle's labels). Every permutation keeps the
+    labelled steps' labels as a multiset and leaves the unlabelled alone; over permutations each labelled
+    step is bad with chance 3/8, so agreement with the oracle is (3/8)^2 + (5/8)^2 = 0.53125, chance."""
+    y = torch.tensor([1., 0, 0, 1, 0, 1, 0, 0, 1, 1])
+    labelled = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    gen, agree, bad_at = torch.Generator().manual_seed(0), [], torch.zeros(10)
+    for _ in range(4000):
+        shuffled = g.placebo_labels(y, labelled, gen)
+        assert sorted(shuffled[labelled].tolist()) == sorted(y[labelled].tolist())  # the base rate, exactly
+        assert torch.equal(shuffled[~labelled], y[~labelled])
+        agree.append((shuffled[labelled] == y[labelled]).float().mean().item())
+        bad_at += shuffled
+    chance, se = (3 / 8) ** 2 + (5 / 8) ** 2, np.std(agree) / np.sqrt(len(agree))
+    assert abs(np.mean(agree) - chance) < 4 * se
+    np.testing.assert_allclose(bad_at[:8] / 4000, 3 / 8, atol=4 * np.sqrt(3 / 8 * 5 / 8 / 4000))  # no step favoured
+
+
+@pytest.mark.parametrize("channel", ["placebo", "policy"])
+def test_the_placebo_and_the_policy_channel_take_the_classifiers_very_steps_and_step_count(monkeypatch, channel):
+    """One update on one batch, with the classifier (head) and with the other channel: the side stream's
+    share at every optimizer step is the same list of steps, and so is the number of steps."""
+    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, cls_weight=0.5,
+               minibatch_size=16)
+    batch, A = random_grid_batch(cfg)
+    real, shares = g.classifier_stream, {}
+
+    def recording(policy, cfg, x, m, a, logp_old, y, labelled, jdx, params):
+        shares[cfg.cls_channel].append(jdx.tolist())
+        return real(policy, cfg, x, m, a, logp_old, y, labelled, jdx, params)
+    monkeypatch.setattr(g, "classifier_stream", recording)
+    stats = {}
+    for ch in ("head", channel):
+        arm = dataclasses.replace(cfg, cls_channel=ch)
+        device, tok, policy, gen, rng = g.build(arm)
+        shares[ch] = []
+        stats[ch] = g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), arm, batch, A, None, gen,
+                                  device)
+    assert len(shares["head"]) >= 2 and shares["head"] == shares[channel]
+    assert stats["head"]["opt_steps"] == stats[channel]["opt_steps"] == len(shares["head"])
+    assert stats[channel]["cls_grad_norm"] > 0 and stats[channel]["cls_labelled_frac"] == 1.0
+
+
+def test_the_policy_channel_is_a_policy_gradient_with_the_label_as_advantage_and_no_classifier():
+    """--cls-channel policy's side-stream gradient, on a share of 100 labelled steps (two pieces of 64):
+    at the rollout's own policy (ratio 1, no clipping) it is the gradient of
+    -w * mean((1 - 2y) * log pi(a|s)), the policy gradient of advantage +1 for good and -1 for bad;
+    the classifier head gets none."""
+    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, cls_weight=0.7,
+               cls_channel="policy")
+    batch, _ = random_grid_batch(cfg)
+    device, tok, policy, gen, rng = g.build(cfg)
+    x, m, a, logp_old = (torch.as_tensor(batch[k]) for k in ("tokens", "mask", "action", "logp"))
+    y, labelled = torch.as_tensor(batch["flawed"]).float(), torch.ones(len(a), dtype=torch.bool)
+    assert 0 < y.mean() < 1 and len(a) > 100
+    jdx, params = torch.arange(100), list(policy.parameters())
+    c, loss, grads = g.classifier_stream(policy, cfg, x, m, a, logp_old, y, labelled, jdx, params)
+    logp = torch.log_softmax(policy(x[jdx], m[jdx])[0], -1).gather(1, a[jdx, None]).squeeze(1)
+    expected = torch.autograd.grad(-0.7 * ((1 - 2 * y[jdx]) * logp).mean(), params, allow_unused=True)
+    head = [i for i, (n, _) in enumerate(policy.named_parameters()) if n.startswith("cls_")]
+    assert c is None and head and all(grads[i] is None for i in head)
+    for got, want in zip(grads, expected):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_side_channel_needs_a_weight_and_the_policy_channel_no_design():
+    with pytest.raises(ValueError, match="--cls-weight > 0"):
+        tiny(out="unused", cls_channel="placebo")
+    with pytest.raises(ValueError, match="no --cls-design"):
+        tiny(out="unused", cls_channel="policy", cls_weight=0.5, cls_design="separate")
+    with pytest.raises(ValueError, match="--cls-channel must be one of"):
+        tiny(out="unused", cls_channel="reward", cls_weight=0.5)

@@ -1,12 +1,12 @@
 # The two commands are `make run` and `make test`; `make bench`, `make claims`, `make optimizer`,
-# `make compare`, the `make matrix*` targets, `make coupling`, `make reference` and `make figures`
-# make the README's numbers. Each target creates .venv from requirements.txt when needed.
+# `make compare`, the `make matrix*` targets, `make coupling`, `make channels`, `make reference` and
+# `make figures` make the README's numbers. Each target creates .venv from requirements.txt when needed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling reference clean
+.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels reference clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,9 @@ matrix-lambda: $(STAMP)  ## its sensitivity check: shaping at lambda 0.2, Kitche
 
 coupling: $(STAMP)  ## claim 3b over sampled twin pairs (results/PROTOCOL.md): 50 runs, ~40 min; stores results/runs/coupling
 	$(PY) coupling.py
+
+channels: $(STAMP)  ## what carries the cure (results/PROTOCOL.md): classifier, placebo, labels through the policy
+	$(PY) channels.py
 
 REF := runs/reference-text-plain-seed1
 reference: $(STAMP)  ## the stored plain-GRPO run that make run is set beside (results/reference, vs_plain.png)

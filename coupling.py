@@ -463,8 +463,9 @@ def run_or_report(job: tuple) -> tuple:
         return job, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def train_missing(args) -> float:
-    """Run every cell not yet stored, seed by seed; store each run as it finishes. Returns the minutes."""
+def train_missing(args, arms_of: dict = ARMS_OF, overrides=arm_overrides) -> float:
+    """Run every cell not yet stored, in seed order; store each run as it finishes. Returns the minutes.
+    arms_of: task -> arm names; overrides(task, arm, seed) -> the arm's Config fields."""
     import multiprocessing as mp
     from tqdm import tqdm
     os.environ["OMP_NUM_THREADS"] = "1"  # the workers inherit it: two 2-thread processes on 2 cores collapse
@@ -473,7 +474,7 @@ def train_missing(args) -> float:
     cell = lambda t, a, s: both(f"{t}-{a}-seed{s}")  # noqa: E731
     init = lambda t, s: both(os.path.join("init", f"{t}-seed{s}"))  # noqa: E731
     fields = lambda t, s, over, out: dataclasses.asdict(c.arm_config(t, s, over, args.iters, out))  # noqa: E731
-    cells = [(t, a, s) for s in args.seeds for t in ARMS_OF for a in ARMS_OF[t]]
+    cells = [(t, a, s) for s in args.seeds for t in arms_of for a in arms_of[t]]
     starts = list(dict.fromkeys((t, s) for t, _, s in cells))
     for run, stored in [init(*x) for x in starts] + [cell(*x) for x in cells]:
         if is_stored(stored) and not os.path.isfile(os.path.join(run, "config.json")):
@@ -485,7 +486,7 @@ def train_missing(args) -> float:
     for x in starts:
         if not is_stored(init(*x)[1]) or init(*x)[0] in redone:
             store(*init(*x), INIT_NAMES)
-    jobs = [("arm", fields(t, s, arm_overrides(t, a, s), cell(t, a, s)[0]), init(t, s)[0]) for t, a, s in cells]
+    jobs = [("arm", fields(t, s, overrides(t, a, s), cell(t, a, s)[0]), init(t, s)[0]) for t, a, s in cells]
     todo_arms = [j for j in jobs if j[2] in redone or not c.is_done(j[1])]  # a new cold start redoes its arms
     stored_as = {cell(*x)[0]: cell(*x)[1] for x in cells}
     with mp.get_context("spawn").Pool(args.workers) as pool, \
@@ -502,6 +503,28 @@ def train_missing(args) -> float:
     return (time.time() - t0) / 60
 
 
+def load_store(store_dir: str, arms_of: dict, seeds: list[int], overrides) -> tuple[dict, int]:
+    """(task, arm, seed) -> metric rows of every stored run the matrix asks for, and their one length.
+    A stored run whose config is not the arm's stops the report."""
+    runs, iters = {}, set()
+    for t, arms in arms_of.items():
+        for a in arms:
+            for s in seeds:
+                d = os.path.join(store_dir, f"{t}-{a}-seed{s}")
+                if not is_stored(d):
+                    continue
+                saved, want = json.load(open(os.path.join(d, "config.json"))), overrides(t, a, s)
+                wrong = [k for k, v in (want | {"seed": s}).items() if k != "baseline" and saved.get(k) != v]
+                if wrong:
+                    sys.exit(f"coupling.py: {d} is not the run this matrix asks for ({', '.join(wrong)} differ)")
+                runs[(t, a, s)], _ = load_rows(d), iters.add(saved["iters"])
+    if not runs:
+        sys.exit(f"coupling.py: no stored runs in {store_dir}; run the matrix's make target")
+    if len(iters) > 1:
+        sys.exit(f"coupling.py: the stored runs have different lengths ({sorted(iters)})")
+    return runs, iters.pop()
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not args.tables:
@@ -511,24 +534,9 @@ def main(argv=None):
         except KeyboardInterrupt:
             sys.exit(f"coupling.py: interrupted; {args.store} keeps every finished run, and the same command "
                      f"skips them")
-    runs, iters = {}, set()
-    for t, arms in ARMS_OF.items():
-        for a in arms:
-            for s in args.seeds:
-                d = os.path.join(args.store, f"{t}-{a}-seed{s}")
-                if not is_stored(d):
-                    continue
-                saved, want = json.load(open(os.path.join(d, "config.json"))), arm_overrides(t, a, s)
-                wrong = [k for k, v in (want | {"seed": s}).items() if k != "baseline" and saved.get(k) != v]
-                if wrong:
-                    sys.exit(f"coupling.py: {d} is not the run this matrix asks for ({', '.join(wrong)} differ)")
-                runs[(t, a, s)], _ = load_rows(d), iters.add(saved["iters"])
-    if not runs:
-        sys.exit(f"coupling.py: no stored runs in {args.store}; run `make coupling`")
-    if len(iters) > 1:
-        sys.exit(f"coupling.py: the stored runs have different lengths ({sorted(iters)})")
+    runs, iters = load_store(args.store, ARMS_OF, args.seeds, arm_overrides)
     stats, missing = seed_table(runs, args.seeds)
-    block = report(stats, args.seeds, missing, cpu_minutes(runs), iters.pop(), args.store)
+    block = report(stats, args.seeds, missing, cpu_minutes(runs), iters, args.store)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "coupling.md"), "w") as f:
         f.write("# Claim 3b over sampled twin pairs: the dose-response and the intervention\n\n" + block + "\n")

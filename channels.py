@@ -67,7 +67,10 @@ def last(rows: list[dict], key: str):
 def run_numbers(rows: list[dict]) -> dict:
     """One run's endpoint and what the report sets beside it."""
     late = [r for r in rows if r["iter"] >= ENDPOINT_FROM]
-    mean = lambda k: float(np.nanmean([np.nan if r.get(k) is None else r[k] for r in late]))  # noqa: E731
+
+    def mean(k):  # over the late iterations that logged k
+        v = [r[k] for r in late if r.get(k) is not None]
+        return float(np.mean(v)) if v else None
     return {"endpoint": endpoint(rows), "flawed": last(rows, "flawed_rate"), "success": last(rows, "success_rate"),
             "ood_success": last(rows, "ood_success_rate"), "cos_v_w": last(rows, "cos_v_w"),
             "pg_grad_norm": mean("pg_grad_norm"), "cls_grad_norm": mean("cls_grad_norm"),

@@ -1568,3 +1568,37 @@ def test_a_side_channel_needs_a_weight_and_the_policy_channel_no_design():
         tiny(out="unused", cls_channel="policy", cls_weight=0.5, cls_design="separate")
     with pytest.raises(ValueError, match="--cls-channel must be one of"):
         tiny(out="unused", cls_channel="reward", cls_weight=0.5)
+
+
+import channels  # noqa: E402
+
+
+def test_help_shows_the_placebo_and_the_policy_channel():
+    text = g.make_parser().format_help()
+    assert "--cls-channel" in text and "placebo" in text and "log pi itself" in text
+
+
+def test_the_channel_arms_differ_from_the_classifier_only_in_the_channel(monkeypatch):
+    monkeypatch.setattr(channels, "LAMBDA", {"text": 0.3, "grid": 0.2})
+    cls = channels.arm_overrides("text", "cls-oracle", 8201)
+    assert cls == coupling.arm_overrides("text", "cls-oracle", 8201)  # the sampled-pair matrix's run, reused
+    assert channels.arm_overrides("text", "placebo", 8201) == cls | {"cls_channel": "placebo"}
+    assert channels.arm_overrides("grid", "policy", 8201) == coupling.arm_overrides("grid", "cls-oracle", 8201) | {
+        "cls_channel": "policy", "cls_weight": 0.2}
+    monkeypatch.setattr(channels, "LAMBDA", {"text": None, "grid": None})
+    with pytest.raises(SystemExit, match="calibrated"):
+        channels.arm_overrides("text", "policy", 8201)
+
+
+def test_the_channel_endpoint_and_family_read_the_late_training_flawed_rate_paired_by_seed():
+    run = lambda late: [{"iter": i, "train_flawed_rate": (late if i >= 51 else 0.9)} for i in range(61)]  # noqa: E731
+    assert channels.endpoint(run(0.25)) == 0.25  # iterations 51-60 only
+    seeds = list(range(12))
+    runs = {(t, a, s): run({"plain": 0.3, "cls-oracle": 0.2 - 0.001 * s, "placebo": 0.2, "policy": 0.2}[a])
+            for t in ("text", "grid") for a in channels.ARMS for s in seeds}
+    del runs[("grid", "policy", 0)]
+    fam = channels.family(runs, seeds)
+    diffs, p, shown = fam["C1 classifier - plain, text"]
+    assert np.allclose(diffs, [-0.1 - 0.001 * s for s in seeds]) and p == 2 / 4096 and shown
+    assert len(fam["C6 classifier - policy, grid"][0]) == 11  # the seed without its run is left out
+    assert fam["C2 classifier - placebo, text"][1] == 4 / 4096  # seed 0 ties: its sign flips either way

@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels reference clean
+.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels explain reference clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,9 @@ matrix-lambda: $(STAMP)  ## its sensitivity check: shaping at lambda 0.2, Kitche
 
 coupling: $(STAMP)  ## claim 3b over sampled twin pairs (results/PROTOCOL.md): 50 runs, ~40 min; stores results/runs/coupling
 	$(PY) coupling.py
+
+explain: $(STAMP)  ## one twin pair traced by hand, in about 30 s: writes docs/walkthrough.md and docs/walkthrough.png
+	OMP_NUM_THREADS=1 $(PY) explain.py
 
 channels: $(STAMP)  ## what carries the cure (results/PROTOCOL.md): classifier, placebo, labels through the policy
 	$(PY) channels.py

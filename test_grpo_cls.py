@@ -1602,3 +1602,21 @@ def test_the_channel_endpoint_and_family_read_the_late_training_flawed_rate_pair
     assert np.allclose(diffs, [-0.1 - 0.001 * s for s in seeds]) and p == 2 / 4096 and shown
     assert len(fam["C6 classifier - policy, grid"][0]) == 11  # the seed without its run is left out
     assert fam["C2 classifier - placebo, text"][1] == 4 / 4096  # seed 0 ties: its sign flips either way
+
+
+import explain  # noqa: E402
+
+
+def test_the_walkthroughs_classifier_step_is_predicted_by_its_two_inner_products_and_restores_the_policy(monkeypatch):
+    """explain.step_with_classifier at a small learning rate: the measured change of log pi(a | flawed twin)
+    is lr * A * <g1, g2> + lr * <h, g2> to first order, and the policy is left as it was."""
+    monkeypatch.setattr(explain, "LR", 1e-3)
+    cfg = tiny(out="unused", cls_weight=0.5)
+    device, tok, policy, gen, rng = g.build(cfg)
+    pair = gym.make(cfg.env).unwrapped.twin_pairs(3, seed=0)[0]
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    measured_plain, predicted = claims.one_step_coupling(policy, tok, pair, 1e-3, explain.A, device)
+    measured, predicted_cls, _ = explain.step_with_classifier(policy, tok, pair, device)
+    assert predicted_cls != 0 and abs(measured - measured_plain) > 0  # the classifier's term moved it
+    assert measured == pytest.approx(predicted + predicted_cls, rel=0.05, abs=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())

@@ -525,9 +525,9 @@ def recheck(run: str, init: str) -> int:
     return 1 if differ else 0
 
 
-def update_doc(block: str, marker: str, path: str = "docs/claim4.md"):
+def update_doc(block: str, marker: str, path: str = "docs/claim4.md", writer: str = "compare.py"):
     """Replace the text between the doc's `marker` markers with `block`."""
-    begin, end = f"<!-- {marker}:begin (written by compare.py) -->", f"<!-- {marker}:end -->"
+    begin, end = f"<!-- {marker}:begin (written by {writer}) -->", f"<!-- {marker}:end -->"
     text = open(path).read()
     if begin not in text or end not in text:
         print(f"note: {path} has no {marker} markers; the report is in the results folder only", file=sys.stderr)

@@ -543,7 +543,8 @@ def main(argv=None):
     plot_dose(runs, args.seeds, os.path.join(args.out, "dose_response.png"))
     plot_growth(runs, args.seeds, os.path.join(args.out, "coupling_growth.png"))
     if not args.no_doc:
-        c.update_doc(block, marker="pairs", path="docs/claims.md")
+        short = block.split("\n### text")[0] + "\n\nEvery table: [results/coupling.md](../results/coupling.md)."
+        c.update_doc(short, marker="pairs", path="docs/claims.md", writer="coupling.py")
     print(block)
 
 

@@ -1588,6 +1588,9 @@ def test_the_channel_arms_differ_from_the_classifier_only_in_the_channel(monkeyp
     monkeypatch.setattr(channels, "LAMBDA", {"text": None, "grid": None})
     with pytest.raises(SystemExit, match="calibrated"):
         channels.arm_overrides("text", "policy", 8201)
+    calibration = open(os.path.join(os.path.dirname(__file__), "results", "channels-calibration.log")).read()
+    for task, weight in {"text": 0.292, "grid": 0.423}.items():  # the committed LAMBDA is the calibration's
+        assert f"{task}: " in calibration and f"policy channel weight {weight}" in calibration
 
 
 def test_the_channel_endpoint_and_family_read_the_late_training_flawed_rate_paired_by_seed():

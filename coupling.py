@@ -190,7 +190,12 @@ def per_seed(m: dict, pairs: list, plain: dict | None = None, withheld=None) -> 
            "C1_low": float(np.nanmean(m["C1"][~high])), "flawed": m["flawed"],
            "rho_pi0": spearman(grad, m["pi0"]), "rho_given_pi0": partial_spearman(grad, m["C1"], m["pi0"]),
            "C1_distinct": float(np.nanmean(m["C1"][first])), "rho_distinct": spearman(grad[first], m["C1"][first]),
-           "n_distinct": int(first.sum()), "n_C1": int((~np.isnan(m["C1"])).sum())}
+           "n_distinct": int(first.sum()), "n_C1": int((~np.isnan(m["C1"])).sum()),
+           "overlap_median": float(np.median(grad)),
+           "gain_low6": float(m["gain"][grad <= np.quantile(grad, 1 / 6)].mean()),
+           "gain_high6": float(m["gain"][grad >= np.quantile(grad, 5 / 6)].mean()),
+           "C1_high_t20": float(np.nanmean(m["curve"][list(m["iters"]).index(20), high])) if 20 in m["iters"] else None,
+           "C1_high_end": float(np.nanmean(m["curve"][-1, high]))}
     if plain is not None:
         d = m["gain"] - plain["gain"]
         out |= {"d": float(d.mean()), "rho_d": spearman(grad, d), "d_high": float(d[high].mean()),
@@ -302,7 +307,12 @@ ROWS = [  # (statistic, what it is); the primary family's are marked in the tabl
     ("rho_embed", "Spearman(cold-start embed cosine, C1) over pairs"),
     ("C1_high", "mean C1, pairs above the median grad cosine"),
     ("C1_low", "mean C1, pairs at or below it"),
+    ("C1_high_t20", "C1 at iteration 20, high-overlap half"),
+    ("C1_high_end", "C1 at the last iteration, high-overlap half"),
+    ("overlap_median", "median cold-start grad cosine of the pairs"),
     ("gain", "mean gain (absolute: Δ log pi(a | s_flawed))"),
+    ("gain_low6", "mean gain, the sixth of pairs with the lowest overlap"),
+    ("gain_high6", "mean gain, the sixth with the highest"),
     ("rho_gain", "Spearman(cold-start grad cosine, gain)"),
     ("rho_pi0", "Spearman(cold-start grad cosine, log pi_0(a | s_flawed))"),
     ("rho_given_pi0", "Spearman(grad cosine, C1), log pi_0 held fixed"),

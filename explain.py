@@ -156,7 +156,8 @@ def main(argv=None):
         "coupling (the paper's section 3), and the inner product predicts it to first order.", "",
         "## 4. The same step with the classifier", "",
         f"Add the classifier's loss, weight {W}, on both twins with the oracle's labels (good at the good twin, "
-        f"bad at the flawed one). Its gradient h joins the step:", "",
+        f"bad at the flawed one), summed over the two (a training step averages it over its steps instead). "
+        f"Its gradient h joins the step:", "",
         f"- predicted: lr * A * <g1, g2> + lr * <h, g2> = {predicted:+.4f} {predicted_cls:+.4f} = "
         f"**{predicted + predicted_cls:+.4f}**",
         f"- measured: **{with_cls:+.4f}**",
@@ -173,7 +174,8 @@ def main(argv=None):
         "expectation. Monte Carlo over 200,000 groups:", "",
         "| q | exact ((G-1)/G) q r (q-1) | Monte Carlo | standard error |", "|---|---|---|---|"]
     lines += [f"| {q} | {exact:+.5f} | {mc:+.5f} | {se:.5f} |" for q, exact, mc, se in lemma]
-    lines += ["", "So the reward is not what lets the flawed command grow; coupling (section 3) is.", "",
+    lines += ["", "So the reward alone pushes a flawed step down; coupling (section 3) is a force against that push.",
+              "",
               "## 6. Over a whole run: the twins' embeddings, plain GRPO against the classifier", ""]
     if cosines:
         lines += [f"From the stored runs `results/runs/coupling/text-{{plain,cls-oracle}}-seed8201` (no training): "

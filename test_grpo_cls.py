@@ -1405,7 +1405,8 @@ def test_the_intervention_contrast_is_trained_minus_withheld_good_twins_over_tra
               "visited": "flawed"} for i, (gg, gf) in enumerate([("A", "X"), ("B", "X"), ("W1", "X"), ("W2", "X"),
                                                                   ("W2", "X"), ("A", "W1")])]
     m = {"C1": np.array([1.0, 3.0, 0.5, 0.0, np.nan, 9.0]), "grad": np.arange(6.0), "embed": np.arange(6.0),
-         "gain": np.array([0.0, 2, 1, 4, 3, 5]), "pi0": np.array([0.0, 1, 0, 1, 0, 1]), "flawed": 0.1}
+         "gain": np.array([0.0, 2, 1, 4, 3, 5]), "pi0": np.array([0.0, 1, 0, 1, 0, 1]), "flawed": 0.1,
+         "iters": np.array([0, 2]), "curve": np.zeros((2, 6))}
     row = coupling.per_seed(m, pairs, withheld={"W1", "W2"})
     # T = pairs 0, 1 (mean 2); U = pairs 2, 3 (mean 0.25; pair 4's C1 is undefined); pair 5's flawed twin is withheld
     assert row["contrast"] == pytest.approx(1.75) and (row["n_trained"], row["n_untrained"]) == (2, 2)

@@ -217,6 +217,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "channels.md"), "w") as f:
         f.write("# What carries the cure: the classifier, a placebo, and the labels through the policy\n\n"
                 + block + "\n")
+    c.update_doc(block.split("\n### text")[0] + "\n\nEvery table: [results/channels.md](../results/channels.md).",
+                 marker="channels", path="docs/channels.md", writer="channels.py")
     print(block)
 
 

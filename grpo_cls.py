@@ -67,7 +67,7 @@ from tqdm import tqdm
 import envs  # noqa: F401  (registers grpo_cls/LavaGrid-v0 and grpo_cls/Kitchen-v0)
 
 ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0"}
-CLS_LABELS = ("advantage", "oracle", "step", "loop")
+CLS_LABELS = ("advantage", "oracle", "step", "loop", "loop-repaired")
 CLS_DESIGNS = ("shared", "separate")
 CLS_CHANNELS = ("head", "placebo", "policy")
 ADVANTAGES = ("grpo", "gigpo")
@@ -115,7 +115,8 @@ class Config:
                           "agent lacks; the default, as no agent-available source passed docs/cure.md), the "
                           "sign of the trajectory advantage, step-level labels from states that recur within "
                           "a group, or loops in what the agent sees (no progress bad, the loop-erased path "
-                          "of a success good)", CLS_LABELS)
+                          "of a success good; loop-repaired leaves the step that closes a loop unlabelled)",
+                          CLS_LABELS)
     cls_design: str = arg("shared", "classifier: a head on the policy's own pair embedding phi(s, a) "
                           "(shared), or a second pass through the trunk with the action as an extra input "
                           "token (separate)", CLS_DESIGNS)
@@ -282,7 +283,7 @@ def cls_targets(source: str, A, flawed, step=None):
     labels that step_labels() or loop_labels() computed from the rollout."""
     if source == "oracle":
         return flawed.float(), torch.ones_like(flawed, dtype=torch.bool)
-    if source in ("step", "loop"):
+    if source in ("step", "loop", "loop-repaired"):
         return step
     return (A < 0).float(), A != 0
 
@@ -333,13 +334,15 @@ def returns_to_go(traj: np.ndarray, reward: np.ndarray, gamma: float = 1.0) -> n
     return rtg
 
 
-def loop_labels(traj: np.ndarray, key: list, next_key: list, success: np.ndarray) -> tuple:
+def loop_labels(traj: np.ndarray, key: list, next_key: list, success: np.ndarray,
+                close_bad: bool = True) -> tuple:
     """Labels from what the agent observes, its own action history left out. A step is bad (y = 1) when
     it makes no progress: it starts a detour back to a situation already seen in this episode (every
     step of that loop is bad; "nothing happens" is a loop of one step). Good (y = 0): the steps left on
-    the loop-erased path of a successful episode. Other steps stay unlabelled. traj (S,), each
-    trajectory's steps in time order; key, next_key (S,) what the agent saw before and after the step;
-    success (N,) per trajectory."""
+    the loop-erased path of a successful episode. Other steps stay unlabelled. close_bad=False (the
+    repaired labels) leaves unlabelled the step that closes a loop of two or more steps: the step back
+    is often on a shortest plan from where the detour led. traj (S,), each trajectory's steps in time
+    order; key, next_key (S,) what the agent saw before and after the step; success (N,) per trajectory."""
     y, labelled = np.zeros(len(traj), dtype=np.float32), np.zeros(len(traj), dtype=bool)
     steps_of: dict = {}
     for i, j in enumerate(traj):
@@ -349,7 +352,8 @@ def loop_labels(traj: np.ndarray, key: list, next_key: list, success: np.ndarray
         for i in idx:
             if next_key[i] in seen:     # back to seen[k]: the steps since then made no progress
                 k = seen.index(next_key[i])
-                y[path[k:] + [i]], labelled[path[k:] + [i]] = 1, True
+                bad = path[k:] + ([i] if close_bad or not path[k:] else [])  # a one-step loop stays bad
+                y[bad], labelled[bad] = 1, True
                 path, seen = path[:k], seen[:k + 1]
             else:
                 path.append(i)
@@ -378,8 +382,9 @@ def step_signals(cfg: Config, batch, A_traj, device):
     step's anchor."""
     A = A_traj[torch.as_tensor(batch["traj"], device=device)]           # (S,)
     step = None
-    if cfg.cls_labels == "loop" and cfg.cls_weight > 0:
-        y, labelled = loop_labels(batch["traj"], batch["key"], batch["next_key"], batch["success"])
+    if cfg.cls_labels in ("loop", "loop-repaired") and cfg.cls_weight > 0:
+        y, labelled = loop_labels(batch["traj"], batch["key"], batch["next_key"], batch["success"],
+                                  close_bad=cfg.cls_labels == "loop")
         step = (torch.as_tensor(y, device=device), torch.as_tensor(labelled, device=device))
     want_labels = cfg.cls_labels == "step" and cfg.cls_weight > 0
     if cfg.adv != "gigpo" and not want_labels:
@@ -575,6 +580,16 @@ def classifier_stream(policy, cfg: Config, x, m, a, logp_old, y, labelled, jdx, 
     return (torch.cat(c) if c else None), cls_loss, grads
 
 
+def label_quality(y, labelled, flawed) -> dict:
+    """The side stream's labels on one batch against the oracle's flawed flag, all (S,): the share of
+    steps labelled; among those, how often the label agrees with the oracle; and of "bad", its precision
+    (labelled bad and flawed, over labelled bad) and recall (over flawed). None where undefined."""
+    bad, flawed = labelled & (y > 0), flawed.bool()
+    share = lambda num, den: (num.sum() / den.sum()).item() if den.any() else None  # noqa: E731
+    return {"label_agree": share(labelled & (bad == flawed), labelled),
+            "label_precision": share(bad & flawed, bad), "label_recall": share(bad & flawed, flawed)}
+
+
 def ratio_or_nan(num, den):
     """num / den, or NaN where den is 0 (the mean over steps skips it: update_stats)."""
     return torch.where(den > 0, num / den.clamp(min=1e-30), torch.full_like(num, float("nan")))
@@ -681,7 +696,9 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
             logs.append(step_stats(t, cfg, m[idx], logp_old[idx], *(
                 (flawed[jdx], y[jdx]) if t.get("side") else (None, None))))
     n_pg = len(pg_idx) + len(shaped_idx) if len(pg_idx) else 0
-    return update_stats(logs, cfg, batch, policy, ref, labelled if policy.cls_design else None, n_pg)
+    quality = label_quality(y, labelled, flawed) if policy.cls_design and batch["has_oracle"] else {}
+    stats = update_stats(logs, cfg, batch, policy, ref, labelled if policy.cls_design else None, n_pg)
+    return stats | quality
 
 
 # ---------------------------------------------------------------------------------------------
@@ -835,7 +852,7 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
             with log.timer("rollout"):
                 batch = rollout(policy, train_envs, tok, *group_instances(cfg, rng), gen, device,
                                 use_mask=cfg.action_mask == "env",
-                                keys="loop" in (cfg.cls_labels, cfg.shaping))
+                                keys=cfg.cls_labels.startswith("loop") or cfg.shaping == "loop")
             # 2. advantages: one reward per trajectory (outcome, or shaped), for every one of its steps
             batch["shaped_reward"] = shaped_rewards(cfg, batch)  # (K*G,) the outcome reward, unless --shaping
             R = torch.as_tensor(batch["shaped_reward"], dtype=torch.float32, device=device).view(K, G)
@@ -888,7 +905,8 @@ ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "su
             "embed_cos_good_bad", "embed_cos_each", "probe_action_probs", "pair_good_probs",
             "pair_flawed_probs", "pair_control_probs", "pair_embed_cos", "pair_grad_cos",
             "pair_flawed_prob", "adv_flawed_mean", "adv_good_mean", "zero_std_frac", "pg_loss", "cls_loss",
-            "kl", "entropy", "clip_frac", "cls_acc", "cls_oracle_acc", "cls_labelled_frac", "pg_grad_norm",
+            "kl", "entropy", "clip_frac", "cls_acc", "cls_oracle_acc", "cls_labelled_frac", "label_agree",
+            "label_precision", "label_recall", "pg_grad_norm",
             "grad_clipped_frac", "cls_grad_norm", "cls_grad_clipped_frac", "cls_pg_grad_ratio",
             "joint_clip_pg_scale", "adam_pg_step_scale", "cos_v_w", "eval_return", "ood_eval_return",
             "update_samples", "opt_steps", "rss_mib", "peak_rss_mib", "time_rollout_s", "time_update_s",

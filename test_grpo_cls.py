@@ -1624,3 +1624,34 @@ def test_the_walkthroughs_classifier_step_is_predicted_by_its_two_inner_products
     assert predicted_cls != 0 and abs(measured - measured_plain) > 0  # the classifier's term moved it
     assert measured == pytest.approx(predicted + predicted_cls, rel=0.05, abs=1e-6)
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+def test_repaired_loop_labels_leave_the_step_that_closes_a_loop_unlabelled_and_nothing_happens_bad():
+    # the trajectories of test_loop_labels_...: step 2 closes the detour b -> c -> b, step 7 the loop a -> b -> a;
+    # step 3 is "nothing happens" (b -> b), a loop of one step, which stays bad
+    traj = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    key = ["a", "b", "c", "b", "b", "d", "a", "b", "a"]
+    next_key = ["b", "c", "b", "b", "d", "goal", "b", "a", "e"]
+    y, labelled = g.loop_labels(traj, key, next_key, success=np.array([True, False]), close_bad=False)
+    assert labelled.tolist() == [True, True, False, True, True, True, True, False, False]
+    assert y.tolist() == [0, 1, 0, 1, 0, 0, 1, 0, 0]
+
+
+def test_label_quality_counts_agreement_precision_and_recall_against_the_oracle():
+    y = torch.tensor([1., 1, 0, 0, 1, 0])
+    labelled = torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    flawed = torch.tensor([1, 0, 0, 1, 1, 0])
+    q = g.label_quality(y, labelled, flawed)
+    # labelled: steps 0-3, agreeing at 0 and 2; labelled bad: 0, 1, of which 0 is flawed; flawed: 0, 3, 4
+    assert q == {"label_agree": 0.5, "label_precision": 0.5, "label_recall": pytest.approx(1 / 3)}
+    assert g.label_quality(y, torch.zeros(6, dtype=torch.bool), flawed)["label_precision"] is None
+
+
+@pytest.mark.parametrize("labels, channel", [("oracle", "head"), ("loop-repaired", "head"), ("oracle", "placebo")])
+def test_every_iteration_logs_the_side_streams_label_quality(tmp_path, labels, channel):
+    cfg = tiny(out=str(tmp_path), env="grid", cls_weight=0.5, cls_labels=labels, cls_channel=channel, quiet=True)
+    g.train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][1:]
+    assert all(r["label_agree"] is not None and 0 <= r["label_agree"] <= 1 for r in rows)
+    if channel == "head" and labels == "oracle":  # the oracle's own labels agree with it exactly
+        assert all(r["label_agree"] == 1.0 and r["label_recall"] in (1.0, None) for r in rows)

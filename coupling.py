@@ -341,7 +341,9 @@ def stat_cell(values: list, n: int) -> str:
     if all(float(x).is_integer() for x in v):  # a count
         return f"{np.mean(v):.1f} (from {min(v):.0f} to {max(v):.0f})"
     m, h = c.mean_ci(v)
-    return f"{m:+.3f} ± {h:.3f} (p {sign_flip_p(v):.3f})" + (f" ({len(v)}/{n} seeds)" if len(v) < n else "")
+    p = sign_flip_p(v)
+    return (f"{m:+.3f} ± {h:.3f} (p {p:.3f})" if p >= 0.001 else f"{m:+.3f} ± {h:.3f} (p {p:.4f})") + (
+        f" ({len(v)}/{n} seeds)" if len(v) < n else "")
 
 
 def report(stats: dict, seeds: list[int], missing: list, run_minutes: float, iters: int, store_dir: str) -> str:

@@ -230,7 +230,7 @@ def cell(values: list, digits: int, n: int) -> str:
     return text + (f" ({len(got)}/{n})" if len(got) < n else "")
 
 
-LABEL_SOURCES = ("advantage", "step", "loop")
+LABEL_SOURCES = ("advantage", "step", "loop", "loop-repaired")
 
 
 def label_quality(task: str, seed: int, init: str) -> dict:
@@ -249,11 +249,13 @@ def label_quality(task: str, seed: int, init: str) -> dict:
     b = g.rollout(policy, envs_, tok, tasks, seeds, gen, device, use_mask=cfg.action_mask == "env", keys=True)
     R = torch.as_tensor(b["reward"], dtype=torch.float32, device=device).view(K, G)
     A, step = g.step_signals(cfg, b, g.group_advantages(R, cfg.scale_rewards).view(-1), device)
-    loop = tuple(torch.as_tensor(v, device=device) for v in g.loop_labels(b["traj"], b["key"], b["next_key"],
-                                                                          b["success"]))
+    loops = {name: tuple(torch.as_tensor(v, device=device) for v in g.loop_labels(
+        b["traj"], b["key"], b["next_key"], b["success"], close_bad=name == "loop"))
+        for name in ("loop", "loop-repaired")}
     flawed = torch.as_tensor(b["flawed"], device=device)
     out = {}
-    for source, labels in (("advantage", None), ("step", step), ("loop", loop)):
+    for source, labels in (("advantage", None), ("step", step), ("loop", loops["loop"]),
+                           ("loop-repaired", loops["loop-repaired"])):
         y, labelled = g.cls_targets(source, A, flawed, labels)
         bad = flawed[labelled].float().mean().item()  # a constant guess agrees max(bad, 1 - bad) of the time
         said_bad = labelled & (y > 0)

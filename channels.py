@@ -208,6 +208,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", default="runs/coupling", help="folder of the working run folders")
     p.add_argument("--out", default="results", help="folder for channels.md")
     p.add_argument("--workers", type=int, default=2, help="single-thread worker processes (2 cores: 2)")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/channels.md's block")
     args = p.parse_args(argv)
     try:
         args.seeds = c.seed_list(args.seeds)
@@ -236,8 +237,9 @@ def main(argv=None):
     with open(os.path.join(args.out, "channels.md"), "w") as f:
         f.write("# What carries the cure: the classifier, a placebo, and the labels through the policy\n\n"
                 + block + "\n")
-    c.update_doc(block.split("\n### text")[0] + "\n\nEvery table: [results/channels.md](../results/channels.md).",
-                 marker="channels", path="docs/channels.md", writer="channels.py")
+    if not args.no_doc:
+        c.update_doc(block.split("\n### text")[0] + "\n\nEvery table: [results/channels.md](../results/channels.md).",
+                     marker="channels", path="docs/channels.md", writer="channels.py")
     print(block)
 
 

@@ -1655,3 +1655,15 @@ def test_every_iteration_logs_the_side_streams_label_quality(tmp_path, labels, c
     assert all(r["label_agree"] is not None and 0 <= r["label_agree"] <= 1 for r in rows)
     if channel == "head" and labels == "oracle":  # the oracle's own labels agree with it exactly
         assert all(r["label_agree"] == 1.0 and r["label_recall"] in (1.0, None) for r in rows)
+
+
+def test_the_stored_runs_regenerate_the_committed_coupling_and_channel_reports_exactly(tmp_path):
+    """results/coupling.md and results/channels.md are what --tables computes from results/runs/ today:
+    an analysis change that moves a number must regenerate them (and the README's numbers with them)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for script, report in (("coupling.py", "coupling.md"), ("channels.py", "channels.md")):
+        out = subprocess.run([sys.executable, os.path.join(here, script), "--tables", "--no-doc", "--out",
+                              str(tmp_path)],
+                             cwd=here, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert (tmp_path / report).read_text() == open(os.path.join(here, "results", report)).read(), report

@@ -197,24 +197,12 @@ def report(runs: dict, seeds, missing: list, iters: int) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="What carries the cure: the channel matrix of results/PROTOCOL.md "
                                 "(make channels)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seeds", default=SEEDS, help="seeds of every cell; verdicts come from the protocol's")
-    p.add_argument("--iters", type=int, default=cp.ITERS, help="GRPO iterations per run")
-    p.add_argument("--tables", action="store_true", help="train nothing: the report from --store")
+    cp.add_matrix_args(p, SEEDS, "channels.md", "docs/channels.md")
     p.add_argument("--calibrate", action="store_true", help="only measure the policy channel's weight on "
                    "development seeds 1-5 (1-iteration runs, about 4 min)")
     p.add_argument("--label-quality", action="store_true", help="only measure each label source against the "
                    "oracle at the stored cold starts of --seeds (no training; writes results/label-quality.md)")
-    p.add_argument("--store", default=cp.STORE, help="folder of the stored runs (shared with coupling.py)")
-    p.add_argument("--runs", default="runs/coupling", help="folder of the working run folders")
-    p.add_argument("--out", default="results", help="folder for channels.md")
-    p.add_argument("--workers", type=int, default=2, help="single-thread worker processes (2 cores: 2)")
-    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/channels.md's block")
-    args = p.parse_args(argv)
-    try:
-        args.seeds = c.seed_list(args.seeds)
-    except ValueError:
-        p.error("--seeds takes a list like '8201-8212'")
-    return args
+    return cp.checked_matrix_args(p, p.parse_args(argv))
 
 
 def main(argv=None):

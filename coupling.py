@@ -444,19 +444,20 @@ def plot_growth(runs: dict, seeds: list[int], path: str):
 # main
 # ---------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Claim 3b over sampled twin pairs: the pre-registered matrix of "
-                                "results/PROTOCOL.md (make coupling)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seeds", default=SEEDS, help="seeds of every cell; verdicts come from the protocol's")
+def add_matrix_args(p: argparse.ArgumentParser, seeds: str, report: str, doc: str):
+    """The flags every stored-run matrix takes (coupling.py, channels.py)."""
+    p.add_argument("--seeds", default=seeds, help="seeds of every cell; verdicts come from the protocol's")
     p.add_argument("--iters", type=int, default=ITERS, help="GRPO iterations per run")
-    p.add_argument("--tables", action="store_true", help="train nothing: the tables and figures from --store")
+    p.add_argument("--tables", action="store_true", help=f"train nothing: {report} from --store")
     p.add_argument("--store", default=STORE, help="folder of the stored runs (read, and written after each run)")
     p.add_argument("--runs", default="runs/coupling", help="folder of the working run folders")
-    p.add_argument("--out", default="results", help="folder for coupling.md and the figures")
+    p.add_argument("--out", default="results", help=f"folder for {report}")
     p.add_argument("--workers", type=int, default=2, help="single-thread worker processes (2 cores: 2)")
-    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/claims.md's block")
-    args = p.parse_args(argv)
+    p.add_argument("--no-doc", action="store_true", help=f"do not rewrite {doc}'s block")
+
+
+def checked_matrix_args(p: argparse.ArgumentParser, args):
+    """--seeds parsed into a list; one-line errors for what cannot run."""
     try:
         args.seeds = c.seed_list(args.seeds)
     except ValueError:
@@ -464,6 +465,14 @@ def parse_args(argv=None):
     if len(args.seeds) < 2 or args.iters < 1 or args.workers < 1:
         p.error("--seeds needs two seeds; --iters and --workers must be >= 1")
     return args
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Claim 3b over sampled twin pairs: the pre-registered matrix of "
+                                "results/PROTOCOL.md (make coupling)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_matrix_args(p, SEEDS, "coupling.md and the figures", "docs/claims.md")
+    return checked_matrix_args(p, p.parse_args(argv))
 
 
 def run_or_report(job: tuple) -> tuple:

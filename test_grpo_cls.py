@@ -1658,7 +1658,7 @@ def test_every_iteration_logs_the_side_streams_label_quality(tmp_path, labels, c
 
 
 def test_the_stored_runs_regenerate_the_committed_coupling_and_channel_reports_exactly(tmp_path):
-    """results/coupling.md and results/channels.md are what --tables computes from results/runs/ today:
+    """results/coupling.md and results/channels.md are what --tables computes from results/runs/:
     an analysis change that moves a number must regenerate them (and the README's numbers with them)."""
     here = os.path.dirname(os.path.abspath(__file__))
     for script, report in (("coupling.py", "coupling.md"), ("channels.py", "channels.md")):

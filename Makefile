@@ -1,12 +1,12 @@
 # The two commands are `make run` and `make test`; `make bench`, `make claims`, `make optimizer`,
-# `make compare`, the `make matrix*` targets, `make coupling`, `make channels`, `make reference` and
-# `make figures` make the README's numbers. Each target creates .venv from requirements.txt when needed.
+# `make compare`, the `make matrix*` targets, `make coupling`, `make channels`, `make repaired`,
+# `make reference` and `make figures` make the README's numbers. Each target creates .venv from requirements.txt when needed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels explain reference clean
+.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired explain reference clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,9 @@ explain: $(STAMP)  ## one twin pair traced by hand, in about 30 s: writes docs/w
 
 channels: $(STAMP)  ## what carries the cure (results/PROTOCOL.md): classifier, placebo, labels through the policy
 	$(PY) channels.py
+
+repaired: $(STAMP)  ## the repaired loop labels (results/PROTOCOL.md): classifier and policy channel, three tasks
+	$(PY) repaired.py
 
 REF := runs/reference-text-plain-seed1
 reference: $(STAMP)  ## the stored plain-GRPO run that make run is set beside (results/reference, vs_plain.png)

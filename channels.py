@@ -83,28 +83,29 @@ def paired(runs: dict, task: str, arm: str, base: str, seeds, key: str = "endpoi
             if (task, arm, s) in runs and (task, base, s) in runs]
 
 
-def family(runs: dict, seeds) -> dict:
-    """Each contrast: (its per-seed differences, the sign-flip p, rejected by Holm at 5% over the six).
+def family(runs: dict, seeds, contrasts: dict = CONTRASTS) -> dict:
+    """Each contrast: (its per-seed differences, the sign-flip p, rejected by Holm at 5% over the family).
     A rejected contrast reads "the classifier lower" or "higher" by the sign of its mean."""
-    diffs = {name: paired(runs, *spec, seeds) for name, spec in CONTRASTS.items()}
+    diffs = {name: paired(runs, *spec, seeds) for name, spec in contrasts.items()}
     p = {name: cp.sign_flip_p(d) if len(d) >= 2 else 1.0 for name, d in diffs.items()}
     rejected = cp.holm(p)
-    return {name: (diffs[name], p[name], rejected[name]) for name in CONTRASTS}
+    return {name: (diffs[name], p[name], rejected[name]) for name in contrasts}
 
 
-def calibrate(args) -> None:
+def calibrate(args, labels: str = "oracle", tasks=tuple(ARMS_OF)) -> dict:
     """The policy channel's weight per task: the median over development seeds 1-5 of the ratio of the two
     side streams' gradient norms on the shared parameters at iteration 1 (cls_pg_grad_ratio, each over
-    the same policy gradient), the classifier at 0.5 against the policy channel at 1. Trains 1 iteration."""
+    the same policy gradient), the classifier at 0.5 against the policy channel at 1, both on `labels`.
+    Trains 1 iteration. Returns task -> weight."""
     import dataclasses
     import json
     import tempfile
     seeds = c.seed_list("1-5")
     with tempfile.TemporaryDirectory() as tmp:
-        arms = {"head": {"cls_weight": 0.5, "cls_labels": "oracle"},
-                "policy": {"cls_weight": 1.0, "cls_labels": "oracle", "cls_channel": "policy"}}
+        arms = {"head": {"cls_weight": 0.5, "cls_labels": labels},
+                "policy": {"cls_weight": 1.0, "cls_labels": labels, "cls_channel": "policy"}}
         jobs, cells = [], []
-        for t in ARMS_OF:
+        for t in tasks:
             for s in seeds:
                 init = os.path.join(tmp, f"init-{t}-{s}")
                 jobs.append(("init", dataclasses.asdict(c.arm_config(t, s, {"twin_pairs": 0}, 1, init))))
@@ -117,10 +118,13 @@ def calibrate(args) -> None:
         c.run_all([x[4] for x in cells], args.workers, "1-iteration runs")
         ratio = {(t, name, s): json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[1])
                  ["cls_pg_grad_ratio"] for t, name, s, out, _ in cells}
-    for t in ARMS_OF:
+    weights = {}
+    for t in tasks:
         r = [ratio[(t, "head", s)] / ratio[(t, "policy", s)] for s in seeds]
+        weights[t] = float(np.median(r))
         print(f"{t}: head/policy shared-gradient ratio per seed {', '.join(f'{x:.3f}' for x in r)}; "
               f"median {np.median(r):.3f} -> policy channel weight {np.median(r):.3g}")
+    return weights
 
 
 def label_quality_report(args) -> None:

@@ -234,7 +234,7 @@ def distinct(pairs: list) -> np.ndarray:
 def pairs_of(task: str, seed: int) -> list[dict]:
     """The PAIRS pairs every run of (task, seed) logged: the sampler is a pure function of the seed, and
     grpo_cls.probes_and_pairs calls it on the default env (a withhold run's env samples from every goal)."""
-    env = envs.KitchenEnv(split="train") if task == "text" else envs.LavaGridEnv(split="train")
+    env = envs.KitchenEnv(split="train") if task.startswith("text") else envs.LavaGridEnv(split="train")
     return env.twin_pairs(PAIRS, seed=seed)
 
 

@@ -17,7 +17,8 @@ The objective, per step sample (s, a) of trajectory j in a group of G trajectori
     cls_loss = BCE(c(s, a), y(s, a))                                 y = 1 if the action is bad
     loss     = pg_loss + beta * kl + cls_weight * cls_loss
 Symbols -> code: G = num_generations, epsilon = clip range, beta = KL weight, R = outcome reward.
-The method reads top to bottom down to the ruler "Plumbing"; below it is bookkeeping.
+The file reads top to bottom: no name is used above its definition (test_the_code_reads_top_to_bottom).
+The method is everything above the ruler "Plumbing", and the loop train() after the plumbing.
 
 Deviations from the paper (see the README for the reasons):
   1. The actor is a 2-layer transformer, not an LLM; GCD's *generated* verdict becomes a linear
@@ -74,6 +75,11 @@ ADVANTAGES = ("grpo", "gigpo")
 SCALE_REWARDS = ("group", "batch", "none")
 ACTION_MASKS = ("env", "none")
 SHAPING = ("none", "oracle", "loop")
+
+
+def short_name(env_id: str) -> str:
+    """'text' or 'grid' for our envs, the id with '/' made '_' for any other: run and reference folders."""
+    return {v: k for k, v in ENV_ALIASES.items()}.get(env_id, env_id.replace("/", "_"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,13 +162,134 @@ class Config:
                         "is this run's but for the classifier; none: off")
 
     def __post_init__(self):
-        check_config(self)  # resolves the env alias and the run folder; one-line errors (below the ruler)
+        """Resolve the env alias and the run folder, and refuse bad input with a one-line ValueError."""
+        self.env = ENV_ALIASES.get(self.env, self.env)
+        if self.env not in gym.registry:
+            raise ValueError(f"--env {self.env!r} is not registered; use 'grid', 'text' or a gymnasium id")
+        try:
+            kwargs = json.loads(self.env_kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--env-kwargs is not valid JSON ({e.msg}); "
+                             f"give an object like '{{\"is_slippery\": false}}'")
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--env-kwargs must be a JSON object, got {self.env_kwargs!r}")
+        try:  # the env's own constructor is the only judge of its keyword arguments
+            gym.make(self.env, **kwargs).close()
+        except Exception as e:
+            why = str(e).splitlines()[0][:200]
+            if kwargs:
+                raise ValueError(f"--env-kwargs {self.env_kwargs} do not fit {self.env}: {why}")
+            raise ValueError(f"--env {self.env} cannot be made: {why}")
+        if self.twin_pairs < 0:
+            raise ValueError(f"--twin-pairs must be >= 0, got {self.twin_pairs}")
+        for name in ("iters", "tasks_per_iter", "num_iterations", "minibatch_size", "eval_every", "diag_every",
+                     "eval_tasks", "d_model", "n_layers", "n_heads", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_generations < 2:
+            raise ValueError(f"--num-generations must be >= 2 (a group needs a baseline), "
+                             f"got {self.num_generations}")
+        for name in ("lr", "epsilon", "beta", "max_grad_norm", "cls_weight", "sft_noise", "sft_lr", "omega",
+                     "gamma", "shaping_lambda"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        if self.lr == 0:
+            raise ValueError("--lr must be > 0")
+        if self.gamma > 1:
+            raise ValueError(f"--gamma must be in [0, 1], got {self.gamma}")
+        if self.sft_noise > 1 or self.sft_steps < 0:
+            raise ValueError("--sft-noise must be in [0, 1] and --sft-steps >= 0")
+        if self.cls_channel not in CLS_CHANNELS:
+            raise ValueError(f"--cls-channel must be one of {', '.join(CLS_CHANNELS)}, got {self.cls_channel!r}")
+        if self.cls_channel != "head" and self.cls_weight == 0:
+            raise ValueError(f"--cls-channel {self.cls_channel} carries the labels in the side stream: give it "
+                             f"--cls-weight > 0")
+        if self.cls_channel == "policy" and self.cls_design != "shared":
+            raise ValueError("--cls-channel policy trains no classifier, so it has no --cls-design; leave it "
+                             "shared")
+        if self.shaping != "none" and self.cls_weight > 0:
+            raise ValueError("--shaping is the classifier's control: use it with --cls-weight 0 (one channel "
+                             "at a time)")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"--d-model ({self.d_model}) must be divisible by --n-heads ({self.n_heads})")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use auto or cpu")
+        if not self.out:
+            channel = "" if self.cls_channel == "head" else f"-{self.cls_channel}"
+            self.out = f"runs/{short_name(self.env)}-cls{self.cls_weight:g}{channel}-seed{self.seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Observations to tokens: the vocabulary comes from what the env declares, never from data
+# ---------------------------------------------------------------------------------------------
+
+def is_small_int_box(space) -> bool:
+    """A Box whose bounds are finite integers at most 256 apart: each cell is then one token."""
+    return (isinstance(space, gym.spaces.Box)
+            and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))
+            and np.all(space.low == np.round(space.low)) and np.all(space.high == np.round(space.high))
+            and float((space.high - space.low).max()) <= 256)
+
+
+class Tokenizer:
+    """Maps an observation to (L,) token ids. Token 0 is padding, token 1 is <s>, read out by the policy.
+
+    Our envs declare `vocab` (and Kitchen `max_words`); for any other env the vocabulary is read off the
+    observation space: Discrete -> one token, MultiDiscrete or a small integer Box -> one token per
+    cell, Text -> one token per character.
+    """
+
+    def __init__(self, env: gym.Env):
+        base, space = env.unwrapped, env.observation_space
+        if not isinstance(env.action_space, gym.spaces.Discrete):
+            raise ValueError(f"the action space must be Discrete, got {env.action_space}")
+        default_names = [f"action{i}" for i in range(env.action_space.n)]
+        self.action_names = list(getattr(base, "action_names", default_names))
+        vocab = getattr(base, "vocab", None)
+        if isinstance(space, gym.spaces.Text):
+            self.kind = "words" if vocab else "chars"
+            vocab = vocab or sorted(space.character_set)
+            self.seq_len = 1 + (base.max_words if self.kind == "words" else space.max_length)
+        elif isinstance(space, gym.spaces.Discrete):
+            self.kind, self.low, self.seq_len = "cells", int(space.start), 2
+            vocab = vocab or [f"obs{i}" for i in range(space.n)]
+        elif isinstance(space, gym.spaces.MultiDiscrete) or is_small_int_box(space):
+            low = space.low if isinstance(space, gym.spaces.Box) else np.zeros(space.shape, np.int64)
+            high = space.high if isinstance(space, gym.spaces.Box) else space.nvec - 1
+            self.kind, self.low, self.seq_len = "cells", low.astype(np.int64), 1 + int(np.prod(space.shape))
+            vocab = vocab or [f"v{i}" for i in range(int((high - low).max()) + 1)]
+        else:
+            raise ValueError(f"unsupported observation space {space}; supported: Discrete, MultiDiscrete, "
+                             f"Box with small integer bounds, Text")
+        self.words = ["<pad>", "<s>"] + list(vocab)
+        self.words += sorted({w for a in self.action_names for w in a.split()} - set(self.words))
+        self.index = {w: i for i, w in enumerate(self.words)}
+        # (A, k) the words of each action's name, padded with 0: actions share word embeddings
+        k = max(len(a.split()) for a in self.action_names)
+        self.action_tokens = np.zeros((len(self.action_names), k), dtype=np.int64)
+        for i, name in enumerate(self.action_names):
+            ids = [self.index[w] for w in name.split()]
+            self.action_tokens[i, : len(ids)] = ids
+
+    def encode(self, obs) -> np.ndarray:
+        ids = np.zeros(self.seq_len, dtype=np.int64)  # (L,)
+        ids[0] = 1
+        if self.kind == "cells":  # cell value v -> word 2 + v - low
+            ids[1:] = (np.asarray(obs) - self.low).reshape(-1) + 2
+            return ids
+        units = obs.split() if self.kind == "words" else list(obs)
+        if len(units) > self.seq_len - 1:
+            raise ValueError(f"observation has {len(units)} {self.kind}, more than the {self.seq_len - 1} "
+                             f"declared")
+        ids[1: 1 + len(units)] = [self.index[u] for u in units]
+        return ids
 
 
 # ---------------------------------------------------------------------------------------------
 # Model: a small pre-LN transformer; the policy logit and the classifier read one pair embedding
 # Letters: B = samples, L = tokens per observation, A = actions, d = width, k = words per action
-# An observation arrives as (L,) token ids, <s> first (Tokenizer, below the ruler).
+# An observation arrives as (L,) token ids, <s> first (Tokenizer, above).
 # ---------------------------------------------------------------------------------------------
 
 class Block(nn.Module):
@@ -471,6 +598,74 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
 # ---------------------------------------------------------------------------------------------
 # The update: loss = pg_loss + beta * kl + cls_weight * cls_loss, each stream clipped on its own
 # ---------------------------------------------------------------------------------------------
+
+# -- what an update logs ----------------------------------------------------------------------
+
+CHECKED = ("pg_loss", "cls_loss", "kl", "grad_norm", "cls_grad_norm")  # NaN or inf in any stops a run
+CLIP_KEYS = ("cls_grad_norm", "cls_grad_clipped", "cls_pg_grad_ratio", "joint_clip_pg_scale",
+             "adam_pg_step_scale")  # clip_stats, adam_pg_step_scale
+
+
+def step_stats(t: dict, cfg: Config, m, logp_old, flawed, y) -> dict:
+    """What one optimizer step logs, as device tensors (no host sync inside the update loop)."""
+    p = t["logp_all"].exp()
+    s = {"pg_loss": t["pg_loss"].detach(), "kl": t["kl"].detach(), "cls_loss": t["cls_loss"].detach(),
+         "entropy": -(p * t["logp_all"]).masked_fill(~m, 0).sum(1).mean().detach(),
+         "clip_frac": ((t["logp"] - logp_old).exp().sub(1).abs() > cfg.epsilon).float().mean().detach(),
+         "pg_grad_norm": t["grad_norm"], "grad_clipped": (t["grad_norm"] > cfg.max_grad_norm).double(),
+         "finite": torch.stack([torch.isfinite(t[k]).all() for k in CHECKED])}
+    if t.get("side"):  # a side share this step: its gradient beside the pg's
+        s |= {k: t[k].double() for k in CLIP_KEYS if t.get(k) is not None} | {"side": True}
+    if t["c"] is not None:  # the classifier's verdict (c > 0 means bad) against its labels and the oracle
+        said_bad = t["c"].detach() > 0
+        s |= {"cls_correct": (said_bad == (y > 0)).sum(), "oracle_correct": (said_bad == flawed).sum(),
+              "classified": torch.tensor(len(y), device=y.device)}
+    return s
+
+
+def update_stats(logs: list[dict], cfg: Config, batch, policy, ref, labelled, n_informative: int) -> dict:
+    """Means of the logged terms over the update's optimizer steps, with one host sync. "nonfinite" names
+    the first term that was NaN or infinite in the first step that had one (None if all were finite)."""
+    out = {"pg_loss": None, "entropy": None, "clip_frac": None, "kl": None, "cls_loss": None, "cls_acc": None,
+           "cls_oracle_acc": None, "nonfinite": None, "pg_grad_norm": None, "grad_clipped_frac": None,
+           "cos_v_w": None} | {k.replace("clipped", "clipped_frac"): None for k in CLIP_KEYS}
+    if logs:  # every group tied: no step was taken
+        mean = lambda k: torch.stack([s[k] for s in logs]).mean().item()  # noqa: E731
+        out |= {k: mean(k) for k in ("pg_loss", "entropy", "clip_frac", "pg_grad_norm")}
+        out["grad_clipped_frac"] = mean("grad_clipped")
+        out["kl"] = mean("kl") if ref is not None else None
+        finite = torch.stack([s["finite"] for s in logs]).tolist()  # (steps, terms)
+        first_bad = next((row for row in finite if not all(row)), None)  # later steps inherit its NaN
+        out["nonfinite"] = CHECKED[first_bad.index(False)] if first_bad else None
+    counted = [s for s in logs if "side" in s]  # the steps whose side-stream share was not empty
+    classified = [s for s in counted if "classified" in s]  # of those, the ones with a classifier verdict
+    if classified:
+        total = lambda k: torch.stack([s[k] for s in classified]).sum().item()  # noqa: E731
+        out["cls_acc"] = total("cls_correct") / total("classified")
+        out["cls_oracle_acc"] = total("oracle_correct") / total("classified") if batch["has_oracle"] else None
+    if counted:
+        out["cls_loss"] = torch.stack([s["cls_loss"] for s in counted]).mean().item()
+        for k in CLIP_KEYS:  # NaN marks a step where a ratio is undefined (its denominator was 0)
+            v = torch.stack([s[k] for s in counted if k in s]).nanmean().item() if k in counted[0] else None
+            out[k.replace("clipped", "clipped_frac")] = None if v is None or math.isnan(v) else v
+    if policy.cls_design == "shared":  # v and w, the two heads that read phi(s, a)
+        out["cos_v_w"] = F.cosine_similarity(policy.cls_head.weight, policy.policy_head.weight).item()
+    return out | {"cls_labelled_frac": labelled.float().mean().item() if labelled is not None else None,
+                  "update_samples": n_informative * cfg.num_iterations, "opt_steps": len(logs)}
+
+
+def batch_stats(batch, R, A) -> dict:
+    """What the rollout and the advantages log: success, flawed rate, and the mean advantage of flawed and
+    of good steps (Lemma 3.1 says the first is negative in expectation)."""
+    A_steps, flawed = A.cpu().numpy(), batch["flawed"] if batch["has_oracle"] else None
+    return {"train_success_rate": float(batch["success"].mean()) if batch["has_success"] else None,
+            "train_invalid_rate": float(1 - batch["admissible"].mean()) if batch["has_mask"] else None,
+            "train_flawed_rate": float(flawed.mean()) if flawed is not None else None,
+            "adv_flawed_mean": float(A_steps[flawed].mean()) if flawed is not None and flawed.any() else None,
+            "adv_good_mean": float(A_steps[~flawed].mean()) if flawed is not None and (~flawed).any()
+            else None,
+            "zero_std_frac": float((R.std(dim=1) == 0).float().mean())}
+
 
 def varied_groups(R: np.ndarray, G: int) -> np.ndarray:
     """R (N,) one reward per trajectory -> (K,) True for the groups whose rewards are not all equal."""
@@ -817,74 +1012,12 @@ def cold_start(policy, cfg: Config, envs_, tok, rng, gen, device):
         loss.backward()
         opt.step()
 
-# ---------------------------------------------------------------------------------------------
-# Training: one loop, five numbered phases (the bookkeeping is below the ruler at the end)
-# ---------------------------------------------------------------------------------------------
-
-def group_instances(cfg: Config, rng) -> tuple[np.ndarray | None, np.ndarray]:
-    """K tasks, each played G times: (tasks, seeds) for the K*G envs. Our envs take the task as an option
-    and give each member its own noise; any other env is reset from a seed alone, shared by the group."""
-    K, G = cfg.tasks_per_iter, cfg.num_generations
-    task_seeds = rng.integers(2**31 - 1, size=K)
-    if is_ours(cfg):
-        return np.repeat(task_seeds, G), rng.integers(2**31 - 1, size=K * G)
-    return None, np.repeat(task_seeds, G)
-
-
-def train(cfg: Config, checkpoint: dict | None = None) -> dict:
-    """The whole run, or its continuation from `checkpoint`. Returns the summary; writes the run folder."""
-    device, tok, policy, gen, rng = build(cfg)
-    K, G = cfg.tasks_per_iter, cfg.num_generations
-    train_envs = make_envs(cfg, K * G)
-    evaluation = Evaluation(cfg, tok, device, *probes_and_pairs(cfg, train_envs[0]))
-    check_label_source(cfg, train_envs[0])
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    cls_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the classifier's own sample stream
-    label_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # the placebo's permutations
-    run = RunState(cfg, policy, opt, ref=None, gen=gen, rng=rng, cls_gen=cls_gen, label_gen=label_gen)
-    with ctrl_c_stops_the_run() as stop, RunLog(run, checkpoint) as log:
-        if checkpoint is None:
-            cold_start(policy, cfg, train_envs, tok, rng, gen, device)
-        run.ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None  # pi_ref
-        log.begin(checkpoint, first_row=lambda: evaluation(policy, 0))  # resume, or log iteration 0
-        for it in log.iterations(stop):
-            # 1. rollout: G trajectories from identical initial states of each of K tasks
-            with log.timer("rollout"):
-                batch = rollout(policy, train_envs, tok, *group_instances(cfg, rng), gen, device,
-                                use_mask=cfg.action_mask == "env",
-                                keys=cfg.cls_labels.startswith("loop") or cfg.shaping == "loop")
-            # 2. advantages: one reward per trajectory (outcome, or shaped), for every one of its steps
-            batch["shaped_reward"] = shaped_rewards(cfg, batch)  # (K*G,) the outcome reward, unless --shaping
-            R = torch.as_tensor(batch["shaped_reward"], dtype=torch.float32, device=device).view(K, G)
-            A_traj = group_advantages(R, cfg.scale_rewards).view(-1)                              # (K*G,)
-            A, step = step_signals(cfg, batch, A_traj, device)                                    # (S,)
-            # 3. update, at a learning rate annealed linearly to 0 over the run
-            for group in run.opt.param_groups:
-                group["lr"] = cfg.lr * (1 - (it - 1) / cfg.iters if cfg.anneal_lr else 1)
-            with log.timer("update"):
-                stats = grpo_update(policy, run.ref, run.opt, cfg, batch, A, step, gen, device, run.cls_gen,
-                                    run.label_gen)
-            check_finite(stats, it, cfg)  # a NaN stops the run here; the last checkpoint stays as it was
-            # 4. evaluation every eval_every iterations; between them, the twin probes every diag_every
-            if it % cfg.eval_every == 0 or it == cfg.iters:
-                stats |= evaluation(policy, it)
-            elif evaluation.probes and it % cfg.diag_every == 0:
-                with log.timer("diag"):
-                    stats |= probe_diagnostics(policy, tok, evaluation.probes, device, evaluation.use_mask)
-                    if evaluation.pairs:
-                        stats |= pair_diagnostics(policy, tok, evaluation.pairs, device, evaluation.use_mask)
-            # 5. log, and checkpoint at each evaluation and on Ctrl-C
-            log.write(it, batch, R, A, stats)
-            if it % cfg.eval_every == 0 or it == cfg.iters or stop.requested:
-                log.checkpoint()
-        return log.finish(stop)
-    raise Interrupted(log.hard_stop_message())  # only a second Ctrl-C, which stops at once, gets here
-
 
 # =============================================================================================
-# Plumbing. Nothing below this ruler is the method: errors, observations to tokens, the envs,
-# validation, the run's state, logging and checkpoints, Ctrl-C, memory, plots and the command line.
-# A reader of the paper can stop here.
+# Plumbing: the run's machinery, not the method. Errors, the envs, evaluation, the run's state,
+# its log and checkpoints, Ctrl-C, memory and plots. The loop below calls these by name (build,
+# make_envs, Evaluation, RunState, RunLog, ctrl_c_stops_the_run, check_finite, ...): a reader of
+# the method can skip to "The loop", trusting each name to do what it says.
 # =============================================================================================
 
 # -- errors, and what a row of metrics.jsonl holds --------------------------------------------------
@@ -911,165 +1044,6 @@ ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "su
             "joint_clip_pg_scale", "adam_pg_step_scale", "cos_v_w", "eval_return", "ood_eval_return",
             "update_samples", "opt_steps", "rss_mib", "peak_rss_mib", "time_rollout_s", "time_update_s",
             "time_eval_s", "time_diag_s")
-
-
-# -- observations to tokens: the vocabulary comes from what the env declares, never from data ----------
-
-class Tokenizer:
-    """Maps an observation to (L,) token ids. Token 0 is padding, token 1 is <s>, read out by the policy.
-
-    Our envs declare `vocab` (and Kitchen `max_words`); for any other env the vocabulary is read off the
-    observation space: Discrete -> one token, MultiDiscrete or a small integer Box -> one token per
-    cell, Text -> one token per character.
-    """
-
-    def __init__(self, env: gym.Env):
-        base, space = env.unwrapped, env.observation_space
-        if not isinstance(env.action_space, gym.spaces.Discrete):
-            raise ValueError(f"the action space must be Discrete, got {env.action_space}")
-        default_names = [f"action{i}" for i in range(env.action_space.n)]
-        self.action_names = list(getattr(base, "action_names", default_names))
-        vocab = getattr(base, "vocab", None)
-        if isinstance(space, gym.spaces.Text):
-            self.kind = "words" if vocab else "chars"
-            vocab = vocab or sorted(space.character_set)
-            self.seq_len = 1 + (base.max_words if self.kind == "words" else space.max_length)
-        elif isinstance(space, gym.spaces.Discrete):
-            self.kind, self.low, self.seq_len = "cells", int(space.start), 2
-            vocab = vocab or [f"obs{i}" for i in range(space.n)]
-        elif isinstance(space, gym.spaces.MultiDiscrete) or is_small_int_box(space):
-            low = space.low if isinstance(space, gym.spaces.Box) else np.zeros(space.shape, np.int64)
-            high = space.high if isinstance(space, gym.spaces.Box) else space.nvec - 1
-            self.kind, self.low, self.seq_len = "cells", low.astype(np.int64), 1 + int(np.prod(space.shape))
-            vocab = vocab or [f"v{i}" for i in range(int((high - low).max()) + 1)]
-        else:
-            raise ValueError(f"unsupported observation space {space}; supported: Discrete, MultiDiscrete, "
-                             f"Box with small integer bounds, Text")
-        self.words = ["<pad>", "<s>"] + list(vocab)
-        self.words += sorted({w for a in self.action_names for w in a.split()} - set(self.words))
-        self.index = {w: i for i, w in enumerate(self.words)}
-        # (A, k) the words of each action's name, padded with 0: actions share word embeddings
-        k = max(len(a.split()) for a in self.action_names)
-        self.action_tokens = np.zeros((len(self.action_names), k), dtype=np.int64)
-        for i, name in enumerate(self.action_names):
-            ids = [self.index[w] for w in name.split()]
-            self.action_tokens[i, : len(ids)] = ids
-
-    def encode(self, obs) -> np.ndarray:
-        ids = np.zeros(self.seq_len, dtype=np.int64)  # (L,)
-        ids[0] = 1
-        if self.kind == "cells":  # cell value v -> word 2 + v - low
-            ids[1:] = (np.asarray(obs) - self.low).reshape(-1) + 2
-            return ids
-        units = obs.split() if self.kind == "words" else list(obs)
-        if len(units) > self.seq_len - 1:
-            raise ValueError(f"observation has {len(units)} {self.kind}, more than the {self.seq_len - 1} "
-                             f"declared")
-        ids[1: 1 + len(units)] = [self.index[u] for u in units]
-        return ids
-
-
-def is_small_int_box(space) -> bool:
-    """A Box whose bounds are finite integers at most 256 apart: each cell is then one token."""
-    return (isinstance(space, gym.spaces.Box)
-            and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))
-            and np.all(space.low == np.round(space.low)) and np.all(space.high == np.round(space.high))
-            and float((space.high - space.low).max()) <= 256)
-
-
-# -- the envs and the run's objects -----------------------------------------------------------------
-
-def is_ours(cfg: Config) -> bool:
-    """Our envs take options={"task": k} and split=; any other env is reset from a seed alone."""
-    return cfg.env.startswith("grpo_cls/")
-
-
-def make_envs(cfg: Config, n: int, split: str = "train") -> list[gym.Env]:
-    """n copies of the env. Only our envs have a held-out family; others get [] for split='heldout'."""
-    kwargs = json.loads(cfg.env_kwargs) | ({"split": split} if is_ours(cfg) else {})
-    if split != "train" and not is_ours(cfg):
-        return []
-    return [gym.make(cfg.env, **kwargs) for _ in range(n)]
-
-
-def build(cfg: Config):
-    """Seeded RNGs, the device, the tokenizer and the policy, from the config alone."""
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    device = torch.device(pick_device(cfg.device))
-    try:
-        tok = Tokenizer(make_envs(cfg, 1)[0])
-    except ValueError as e:
-        raise TrainingError(f"--env {cfg.env}: {e}")
-    policy = Policy(len(tok.words), tok.seq_len, tok.action_tokens, cfg.d_model, cfg.n_layers, cfg.n_heads,
-                    with_classifier=cfg.cls_weight > 0, cls_design=cfg.cls_design).to(device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
-    return device, tok, policy, gen, np.random.default_rng(cfg.seed)
-
-
-def check_config(cfg: Config):
-    """Config.__post_init__: resolve the env alias and the run folder, and refuse bad input in one line."""
-    cfg.env = ENV_ALIASES.get(cfg.env, cfg.env)
-    if cfg.env not in gym.registry:
-        raise ValueError(f"--env {cfg.env!r} is not registered; use 'grid', 'text' or a gymnasium id")
-    try:
-        kwargs = json.loads(cfg.env_kwargs)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--env-kwargs is not valid JSON ({e.msg}); "
-                         f"give an object like '{{\"is_slippery\": false}}'")
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--env-kwargs must be a JSON object, got {cfg.env_kwargs!r}")
-    try:  # the env's own constructor is the only judge of its keyword arguments
-        gym.make(cfg.env, **kwargs).close()
-    except Exception as e:
-        why = str(e).splitlines()[0][:200]
-        if kwargs:
-            raise ValueError(f"--env-kwargs {cfg.env_kwargs} do not fit {cfg.env}: {why}")
-        raise ValueError(f"--env {cfg.env} cannot be made: {why}")
-    if cfg.twin_pairs < 0:
-        raise ValueError(f"--twin-pairs must be >= 0, got {cfg.twin_pairs}")
-    for name in ("iters", "tasks_per_iter", "num_iterations", "minibatch_size", "eval_every", "diag_every",
-                 "eval_tasks", "d_model", "n_layers", "n_heads", "threads"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.num_generations < 2:
-        raise ValueError(f"--num-generations must be >= 2 (a group needs a baseline), "
-                         f"got {cfg.num_generations}")
-    for name in ("lr", "epsilon", "beta", "max_grad_norm", "cls_weight", "sft_noise", "sft_lr", "omega",
-                 "gamma", "shaping_lambda"):
-        v = getattr(cfg, name)
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if cfg.lr == 0:
-        raise ValueError("--lr must be > 0")
-    if cfg.gamma > 1:
-        raise ValueError(f"--gamma must be in [0, 1], got {cfg.gamma}")
-    if cfg.sft_noise > 1 or cfg.sft_steps < 0:
-        raise ValueError("--sft-noise must be in [0, 1] and --sft-steps >= 0")
-    if cfg.cls_channel not in CLS_CHANNELS:
-        raise ValueError(f"--cls-channel must be one of {', '.join(CLS_CHANNELS)}, got {cfg.cls_channel!r}")
-    if cfg.cls_channel != "head" and cfg.cls_weight == 0:
-        raise ValueError(f"--cls-channel {cfg.cls_channel} carries the labels in the side stream: give it "
-                         f"--cls-weight > 0")
-    if cfg.cls_channel == "policy" and cfg.cls_design != "shared":
-        raise ValueError("--cls-channel policy trains no classifier, so it has no --cls-design; leave it "
-                         "shared")
-    if cfg.shaping != "none" and cfg.cls_weight > 0:
-        raise ValueError("--shaping is the classifier's control: use it with --cls-weight 0 (one channel "
-                         "at a time)")
-    if cfg.d_model % cfg.n_heads:
-        raise ValueError(f"--d-model ({cfg.d_model}) must be divisible by --n-heads ({cfg.n_heads})")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use auto or cpu")
-    if not cfg.out:
-        channel = "" if cfg.cls_channel == "head" else f"-{cfg.cls_channel}"
-        cfg.out = f"runs/{short_name(cfg.env)}-cls{cfg.cls_weight:g}{channel}-seed{cfg.seed}"
-
-
-def short_name(env_id: str) -> str:
-    """'text' or 'grid' for our envs, the id with '/' made '_' for any other: run and reference folders."""
-    return {v: k for k, v in ENV_ALIASES.items()}.get(env_id, env_id.replace("/", "_"))
 
 
 def probes_and_pairs(cfg: Config, env: gym.Env) -> tuple[list, list]:
@@ -1105,72 +1079,35 @@ def pick_device(asked: str) -> str:
     return "cuda" if asked == "cuda" or (asked == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-# -- what an update logs ----------------------------------------------------------------------
+# -- the envs and the run's objects -----------------------------------------------------------------
 
-CHECKED = ("pg_loss", "cls_loss", "kl", "grad_norm", "cls_grad_norm")  # NaN or inf in any stops a run
-CLIP_KEYS = ("cls_grad_norm", "cls_grad_clipped", "cls_pg_grad_ratio", "joint_clip_pg_scale",
-             "adam_pg_step_scale")  # clip_stats, adam_pg_step_scale
-
-
-def step_stats(t: dict, cfg: Config, m, logp_old, flawed, y) -> dict:
-    """What one optimizer step logs, as device tensors (no host sync inside the update loop)."""
-    p = t["logp_all"].exp()
-    s = {"pg_loss": t["pg_loss"].detach(), "kl": t["kl"].detach(), "cls_loss": t["cls_loss"].detach(),
-         "entropy": -(p * t["logp_all"]).masked_fill(~m, 0).sum(1).mean().detach(),
-         "clip_frac": ((t["logp"] - logp_old).exp().sub(1).abs() > cfg.epsilon).float().mean().detach(),
-         "pg_grad_norm": t["grad_norm"], "grad_clipped": (t["grad_norm"] > cfg.max_grad_norm).double(),
-         "finite": torch.stack([torch.isfinite(t[k]).all() for k in CHECKED])}
-    if t.get("side"):  # a side share this step: its gradient beside the pg's
-        s |= {k: t[k].double() for k in CLIP_KEYS if t.get(k) is not None} | {"side": True}
-    if t["c"] is not None:  # the classifier's verdict (c > 0 means bad) against its labels and the oracle
-        said_bad = t["c"].detach() > 0
-        s |= {"cls_correct": (said_bad == (y > 0)).sum(), "oracle_correct": (said_bad == flawed).sum(),
-              "classified": torch.tensor(len(y), device=y.device)}
-    return s
+def is_ours(cfg: Config) -> bool:
+    """Our envs take options={"task": k} and split=; any other env is reset from a seed alone."""
+    return cfg.env.startswith("grpo_cls/")
 
 
-def update_stats(logs: list[dict], cfg: Config, batch, policy, ref, labelled, n_informative: int) -> dict:
-    """Means of the logged terms over the update's optimizer steps, with one host sync. "nonfinite" names
-    the first term that was NaN or infinite in the first step that had one (None if all were finite)."""
-    out = {"pg_loss": None, "entropy": None, "clip_frac": None, "kl": None, "cls_loss": None, "cls_acc": None,
-           "cls_oracle_acc": None, "nonfinite": None, "pg_grad_norm": None, "grad_clipped_frac": None,
-           "cos_v_w": None} | {k.replace("clipped", "clipped_frac"): None for k in CLIP_KEYS}
-    if logs:  # every group tied: no step was taken
-        mean = lambda k: torch.stack([s[k] for s in logs]).mean().item()  # noqa: E731
-        out |= {k: mean(k) for k in ("pg_loss", "entropy", "clip_frac", "pg_grad_norm")}
-        out["grad_clipped_frac"] = mean("grad_clipped")
-        out["kl"] = mean("kl") if ref is not None else None
-        finite = torch.stack([s["finite"] for s in logs]).tolist()  # (steps, terms)
-        first_bad = next((row for row in finite if not all(row)), None)  # later steps inherit its NaN
-        out["nonfinite"] = CHECKED[first_bad.index(False)] if first_bad else None
-    counted = [s for s in logs if "side" in s]  # the steps whose side-stream share was not empty
-    classified = [s for s in counted if "classified" in s]  # of those, the ones with a classifier verdict
-    if classified:
-        total = lambda k: torch.stack([s[k] for s in classified]).sum().item()  # noqa: E731
-        out["cls_acc"] = total("cls_correct") / total("classified")
-        out["cls_oracle_acc"] = total("oracle_correct") / total("classified") if batch["has_oracle"] else None
-    if counted:
-        out["cls_loss"] = torch.stack([s["cls_loss"] for s in counted]).mean().item()
-        for k in CLIP_KEYS:  # NaN marks a step where a ratio is undefined (its denominator was 0)
-            v = torch.stack([s[k] for s in counted if k in s]).nanmean().item() if k in counted[0] else None
-            out[k.replace("clipped", "clipped_frac")] = None if v is None or math.isnan(v) else v
-    if policy.cls_design == "shared":  # v and w, the two heads that read phi(s, a)
-        out["cos_v_w"] = F.cosine_similarity(policy.cls_head.weight, policy.policy_head.weight).item()
-    return out | {"cls_labelled_frac": labelled.float().mean().item() if labelled is not None else None,
-                  "update_samples": n_informative * cfg.num_iterations, "opt_steps": len(logs)}
+def make_envs(cfg: Config, n: int, split: str = "train") -> list[gym.Env]:
+    """n copies of the env. Only our envs have a held-out family; others get [] for split='heldout'."""
+    kwargs = json.loads(cfg.env_kwargs) | ({"split": split} if is_ours(cfg) else {})
+    if split != "train" and not is_ours(cfg):
+        return []
+    return [gym.make(cfg.env, **kwargs) for _ in range(n)]
 
 
-def batch_stats(batch, R, A) -> dict:
-    """What the rollout and the advantages log: success, flawed rate, and the mean advantage of flawed and
-    of good steps (Lemma 3.1 says the first is negative in expectation)."""
-    A_steps, flawed = A.cpu().numpy(), batch["flawed"] if batch["has_oracle"] else None
-    return {"train_success_rate": float(batch["success"].mean()) if batch["has_success"] else None,
-            "train_invalid_rate": float(1 - batch["admissible"].mean()) if batch["has_mask"] else None,
-            "train_flawed_rate": float(flawed.mean()) if flawed is not None else None,
-            "adv_flawed_mean": float(A_steps[flawed].mean()) if flawed is not None and flawed.any() else None,
-            "adv_good_mean": float(A_steps[~flawed].mean()) if flawed is not None and (~flawed).any()
-            else None,
-            "zero_std_frac": float((R.std(dim=1) == 0).float().mean())}
+def build(cfg: Config):
+    """Seeded RNGs, the device, the tokenizer and the policy, from the config alone."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(pick_device(cfg.device))
+    try:
+        tok = Tokenizer(make_envs(cfg, 1)[0])
+    except ValueError as e:
+        raise TrainingError(f"--env {cfg.env}: {e}")
+    policy = Policy(len(tok.words), tok.seq_len, tok.action_tokens, cfg.d_model, cfg.n_layers, cfg.n_heads,
+                    with_classifier=cfg.cls_weight > 0, cls_design=cfg.cls_design).to(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    return device, tok, policy, gen, np.random.default_rng(cfg.seed)
 
 
 # -- evaluation on fixed tasks -------------------------------------------------------------------
@@ -1220,108 +1157,68 @@ class RunState:
     metrics: list = field(default_factory=list)
 
 
-class RunLog:
-    """The run folder's metrics.jsonl, config.json and checkpoint, the progress bar and the phase clocks.
-    A context manager: the files and the bar are closed however the run ends."""
+HERE = os.path.dirname(os.path.abspath(__file__))
+UPDATE_VERSION = 2  # config.json's "update": 2 clips each stream on its own; a run without it had one clip
+NOT_COMPARED = ("cls_weight", "cls_labels", "cls_design", "cls_channel", "out", "overwrite", "resume",
+                "quiet",
+                "no_plots", "baseline", "device", "threads", "twin_pairs")  # where a baseline may differ
 
-    def __init__(self, run: RunState, checkpoint: dict | None):
-        self.run, self.cfg, self.ckpt = run, run.cfg, checkpoint
-        self.file = self.bar = self.saved = None
-        self.times: dict = {}
-        os.makedirs(self.cfg.out, exist_ok=True)
 
-    def __enter__(self):
-        return self
+def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | None:
+    """The stored plain-GRPO run to set beside this classifier run: (its folder, its metrics rows), or None.
+    Its config must be this run's but for NOT_COMPARED, and its iteration 0 this run's (the same cold
+    start). A stored run that fails either check gets a one-line note saying why; 'auto' is silent only
+    where no stored run exists for this env and seed. Missing fields count at their defaults."""
+    if cfg.baseline == "none" or cfg.cls_weight == 0 or not metrics:
+        return None
+    path = (cfg.baseline if cfg.baseline != "auto"
+            else os.path.join(HERE, "results", "reference", f"{short_name(cfg.env)}-plain-seed{cfg.seed}"))
+    differ = []
+    try:
+        saved = json.load(open(os.path.join(path, "config.json")))
+        rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+        rows[0]
+    except (OSError, ValueError, IndexError):
+        why = "has no readable config.json and metrics.jsonl"
+    else:
+        mine = dataclasses.asdict(cfg)
+        differ = [k for k in mine if k not in NOT_COMPARED and saved.get(k, getattr(Config, k)) != mine[k]]
+        same_start = all(rows[0].get(k) == metrics[0].get(k) for k in ("success_rate", "flawed_rate",
+                                                                      "probe_flawed_prob"))
+        old = saved.get("update", 1) != UPDATE_VERSION
+        if not differ and same_start and not old and saved.get("cls_weight") == 0:
+            return path, rows
+        why = (f"differs in {', '.join(differ)}" if differ else "is not plain GRPO" if saved.get("cls_weight")
+               else "was trained by an older update (one clip on the summed gradient)" if old
+               else "starts from another cold start (on another CPU, runs differ in roundoff from "
+                    "iteration 0)")
+    if cfg.baseline != "auto":
+        print(f"note: --baseline {path} {why}; not shown", file=sys.stderr)
+    elif os.path.exists(path):  # never silent; make reference remakes the default config's reference only
+        remake = "" if differ else "; make reference regenerates it on this machine"
+        print(f"note: the stored plain-GRPO run {os.path.relpath(path)} {why}, so it is not shown{remake}",
+              file=sys.stderr)
+    return None
 
-    def __exit__(self, *exc):
-        for handle in (self.file, self.bar):
-            if handle is not None:
-                handle.close()
 
-    def begin(self, checkpoint: dict | None, first_row):
-        """Restore the checkpoint, or log iteration 0 (the cold-started policy) and save it."""
-        run, cfg = self.run, self.cfg
-        if checkpoint is not None:
-            run.metrics = restore(checkpoint, run)
-        device = next(run.policy.parameters()).device
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg) | {"torch": torch.__version__, "numpy": np.__version__,
-                                                 "gymnasium": gym.__version__, "device": str(device),
-                                                 "threads": torch.get_num_threads(),
-                                                 "update": UPDATE_VERSION}, f, indent=2)
-        self.file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
-        for row in run.metrics:  # a resumed run rewrites the rows up to its checkpoint, dropping any after it
-            self.file.write(json.dumps(row) + "\n")
-        self.t0 = time.time() - (run.metrics[-1]["wall_s"] if run.metrics else 0)
-        if os.path.exists(os.path.join(cfg.out, "summary.json")):
-            os.remove(os.path.join(cfg.out, "summary.json"))  # this run has not finished yet
-        if not run.metrics:
-            self.append({"iter": 0, "env_steps": 0} | {k: None for k in ROW_KEYS} | first_row())
-        if not run.metrics or not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-            self.checkpoint()  # iteration 0, or a start from another folder's checkpoint (compare.py)
-        self.saved = run.metrics[-1]["iter"]
-
-    def iterations(self, stop):
-        """The iterations still to run, with a progress bar; stops early when Ctrl-C asked to."""
-        start = self.run.metrics[-1]["iter"] + 1
-        self.bar = tqdm(total=self.cfg.iters, initial=start - 1, disable=self.cfg.quiet, desc="grpo",
-                        unit="it", dynamic_ncols=True)
-        for it in range(start, self.cfg.iters + 1):
-            if stop.requested:
-                return
-            yield it
-            last = self.run.metrics[-1]
-            self.bar.update()
-            self.bar.set_postfix(success=fmt(last["train_success_rate"], 2),
-                                 flawed=fmt(last["train_flawed_rate"]))
-
-    @contextlib.contextmanager
-    def timer(self, phase: str):
-        t0 = time.perf_counter()
-        yield
-        if phase == "update":
-            release_free_memory()
-        self.times[f"time_{phase}_s"] = round(time.perf_counter() - t0, 4)
-
-    def write(self, it: int, batch, R, A, stats: dict):
-        """One iteration's row: the batch, the update's terms, the clocks and the memory."""
-        env_steps = self.run.metrics[-1]["env_steps"] + len(batch["action"])
-        self.append({k: None for k in ROW_KEYS} | {"iter": it, "env_steps": env_steps}
-                    | batch_stats(batch, R, A) | stats | self.times | memory_mib())
-        self.times = {}
-
-    def append(self, row: dict):
-        row["wall_s"] = round(time.time() - self.t0, 3)
-        self.run.metrics.append(row)
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def checkpoint(self):
-        save_checkpoint(self.run)
-        self.saved = self.run.metrics[-1]["iter"]
-
-    def finish(self, stop) -> dict:
-        """The summary and the plots; after a first Ctrl-C, the last iteration checkpointed before them,
-        and Interrupted. summary.json is written only by a run that reached --iters (compare.py reads
-        it as "finished")."""
-        cfg, metrics = self.cfg, self.run.metrics
-        stopped = stop.requested and metrics[-1]["iter"] < cfg.iters
-        if self.saved != metrics[-1]["iter"]:
-            self.checkpoint()
-        baseline = load_baseline(cfg, metrics)
-        summary = summarize(metrics, cfg, write=not stopped, baseline=baseline)
-        if not cfg.no_plots:
-            plot_run(metrics, cfg.out, baseline)
-        if stopped:
-            raise Interrupted(f"interrupted after iteration {metrics[-1]['iter']}; resume with: "
-                              f"python grpo_cls.py --resume {cfg.out}")
-        return summary
-
-    def hard_stop_message(self) -> str:
-        if self.saved is None:
-            return "stopped before the first checkpoint; nothing to resume"
-        return (f"stopped at once; the checkpoint of iteration {self.saved} is intact; resume with: "
-                f"python grpo_cls.py --resume {self.cfg.out}")
+def summarize(metrics: list[dict], cfg: Config, write: bool = True, baseline=None) -> dict:
+    last_eval = next((m for m in reversed(metrics) if m.get("eval_return") is not None), {})
+    keys = ("success_rate", "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
+            "grad_cos_twin", "embed_cos_good_bad", "eval_return")
+    first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
+    summary = {f"initial_{k}": first.get(k) for k in ("success_rate", "ood_success_rate", "flawed_rate",
+                                                      "eval_return")}
+    summary |= {"iters": last.get("iter", 0), "env_steps": last.get("env_steps", 0),
+                "wall_s": last.get("wall_s", 0)}
+    summary |= {k: last_eval.get(k) for k in keys}
+    if baseline is not None:  # the same keys, from the stored plain-GRPO run at the same iteration
+        path, rows = baseline
+        same_it = next((r for r in rows if r["iter"] == last_eval.get("iter")), {})
+        summary |= {"baseline": path} | {f"baseline_{k}": same_it.get(k) for k in keys}
+    if write:
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -1437,73 +1334,45 @@ def restore(ckpt: dict, run: RunState) -> list[dict]:
     return list(ckpt["metrics"])
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-UPDATE_VERSION = 2  # config.json's "update": 2 clips each stream on its own; a run without it had one clip
-NOT_COMPARED = ("cls_weight", "cls_labels", "cls_design", "cls_channel", "out", "overwrite", "resume",
-                "quiet",
-                "no_plots", "baseline", "device", "threads", "twin_pairs")  # where a baseline may differ
-
-
-def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | None:
-    """The stored plain-GRPO run to set beside this classifier run: (its folder, its metrics rows), or None.
-    Its config must be this run's but for NOT_COMPARED, and its iteration 0 this run's (the same cold
-    start). A stored run that fails either check gets a one-line note saying why; 'auto' is silent only
-    where no stored run exists for this env and seed. Missing fields count at their defaults."""
-    if cfg.baseline == "none" or cfg.cls_weight == 0 or not metrics:
-        return None
-    path = (cfg.baseline if cfg.baseline != "auto"
-            else os.path.join(HERE, "results", "reference", f"{short_name(cfg.env)}-plain-seed{cfg.seed}"))
-    differ = []
-    try:
-        saved = json.load(open(os.path.join(path, "config.json")))
-        rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
-        rows[0]
-    except (OSError, ValueError, IndexError):
-        why = "has no readable config.json and metrics.jsonl"
-    else:
-        mine = dataclasses.asdict(cfg)
-        differ = [k for k in mine if k not in NOT_COMPARED and saved.get(k, getattr(Config, k)) != mine[k]]
-        same_start = all(rows[0].get(k) == metrics[0].get(k) for k in ("success_rate", "flawed_rate",
-                                                                      "probe_flawed_prob"))
-        old = saved.get("update", 1) != UPDATE_VERSION
-        if not differ and same_start and not old and saved.get("cls_weight") == 0:
-            return path, rows
-        why = (f"differs in {', '.join(differ)}" if differ else "is not plain GRPO" if saved.get("cls_weight")
-               else "was trained by an older update (one clip on the summed gradient)" if old
-               else "starts from another cold start (on another CPU, runs differ in roundoff from "
-                    "iteration 0)")
-    if cfg.baseline != "auto":
-        print(f"note: --baseline {path} {why}; not shown", file=sys.stderr)
-    elif os.path.exists(path):  # never silent; make reference remakes the default config's reference only
-        remake = "" if differ else "; make reference regenerates it on this machine"
-        print(f"note: the stored plain-GRPO run {os.path.relpath(path)} {why}, so it is not shown{remake}",
-              file=sys.stderr)
-    return None
-
-
-def summarize(metrics: list[dict], cfg: Config, write: bool = True, baseline=None) -> dict:
-    last_eval = next((m for m in reversed(metrics) if m.get("eval_return") is not None), {})
-    keys = ("success_rate", "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
-            "grad_cos_twin", "embed_cos_good_bad", "eval_return")
-    first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
-    summary = {f"initial_{k}": first.get(k) for k in ("success_rate", "ood_success_rate", "flawed_rate",
-                                                      "eval_return")}
-    summary |= {"iters": last.get("iter", 0), "env_steps": last.get("env_steps", 0),
-                "wall_s": last.get("wall_s", 0)}
-    summary |= {k: last_eval.get(k) for k in keys}
-    if baseline is not None:  # the same keys, from the stored plain-GRPO run at the same iteration
-        path, rows = baseline
-        same_it = next((r for r in rows if r["iter"] == last_eval.get("iter")), {})
-        summary |= {"baseline": path} | {f"baseline_{k}": same_it.get(k) for k in keys}
-    if write:
-        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
-
-
 # ---------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------
+
+def plot_vs_plain(metrics: list[dict], plain: list[dict], out: str, plt):
+    """vs_plain.png: this run's flawed-action rate and pi(flawed | flawed twin) beside the stored
+    plain-GRPO run's, both from the same cold start."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, name in zip(axes, ("train_flawed_rate", "probe_flawed_prob"),
+                             ("training flawed-action rate", "pi(flawed action | flawed twin)")):
+        for rows, label, style in ((plain, "plain GRPO (stored run)", "--"), (metrics, "this run", "-")):
+            pts = [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
+            ax.plot(*zip(*pts), style, label=label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "vs_plain.png"), dpi=110)
+    plt.close(fig)
+
+
+def plot_probe_heatmap(metrics: list[dict], out: str, plt):
+    """The paper's Fig. 3b style: every action's probability at each flawed twin, across iterations."""
+    rows = [m for m in metrics if m.get("probe_action_probs")]
+    if not rows:
+        return
+    n_probes = len(rows[0]["probe_action_probs"])
+    fig, axes = plt.subplots(1, n_probes, figsize=(3.6 * n_probes, 3.4), squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        grid = np.array([m["probe_action_probs"][k] for m in rows]).T  # (A, iterations)
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
+                       extent=(rows[0]["iter"] - 0.5, rows[-1]["iter"] + 0.5, grid.shape[0] - 0.5, -0.5))
+        ax.set_title(f"probe {k}: pi(. | flawed twin)", fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("action")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(os.path.join(out, "probe_heatmap.png"), dpi=110)
+    plt.close(fig)
+
 
 def plot_run(metrics: list[dict], out: str, baseline=None):
     import matplotlib
@@ -1544,40 +1413,172 @@ def plot_run(metrics: list[dict], out: str, baseline=None):
         plot_vs_plain(metrics, baseline[1], out, plt)
 
 
-def plot_vs_plain(metrics: list[dict], plain: list[dict], out: str, plt):
-    """vs_plain.png: this run's flawed-action rate and pi(flawed | flawed twin) beside the stored
-    plain-GRPO run's, both from the same cold start."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, key, name in zip(axes, ("train_flawed_rate", "probe_flawed_prob"),
-                             ("training flawed-action rate", "pi(flawed action | flawed twin)")):
-        for rows, label, style in ((plain, "plain GRPO (stored run)", "--"), (metrics, "this run", "-")):
-            pts = [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
-            ax.plot(*zip(*pts), style, label=label)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "vs_plain.png"), dpi=110)
-    plt.close(fig)
+class RunLog:
+    """The run folder's metrics.jsonl, config.json and checkpoint, the progress bar and the phase clocks.
+    A context manager: the files and the bar are closed however the run ends."""
+
+    def __init__(self, run: RunState, checkpoint: dict | None):
+        self.run, self.cfg, self.ckpt = run, run.cfg, checkpoint
+        self.file = self.bar = self.saved = None
+        self.times: dict = {}
+        os.makedirs(self.cfg.out, exist_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in (self.file, self.bar):
+            if handle is not None:
+                handle.close()
+
+    def begin(self, checkpoint: dict | None, first_row):
+        """Restore the checkpoint, or log iteration 0 (the cold-started policy) and save it."""
+        run, cfg = self.run, self.cfg
+        if checkpoint is not None:
+            run.metrics = restore(checkpoint, run)
+        device = next(run.policy.parameters()).device
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg) | {"torch": torch.__version__, "numpy": np.__version__,
+                                                 "gymnasium": gym.__version__, "device": str(device),
+                                                 "threads": torch.get_num_threads(),
+                                                 "update": UPDATE_VERSION}, f, indent=2)
+        self.file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
+        for row in run.metrics:  # a resumed run rewrites the rows up to its checkpoint, dropping any after it
+            self.file.write(json.dumps(row) + "\n")
+        self.t0 = time.time() - (run.metrics[-1]["wall_s"] if run.metrics else 0)
+        if os.path.exists(os.path.join(cfg.out, "summary.json")):
+            os.remove(os.path.join(cfg.out, "summary.json"))  # this run has not finished yet
+        if not run.metrics:
+            self.append({"iter": 0, "env_steps": 0} | {k: None for k in ROW_KEYS} | first_row())
+        if not run.metrics or not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+            self.checkpoint()  # iteration 0, or a start from another folder's checkpoint (compare.py)
+        self.saved = run.metrics[-1]["iter"]
+
+    def iterations(self, stop):
+        """The iterations still to run, with a progress bar; stops early when Ctrl-C asked to."""
+        start = self.run.metrics[-1]["iter"] + 1
+        self.bar = tqdm(total=self.cfg.iters, initial=start - 1, disable=self.cfg.quiet, desc="grpo",
+                        unit="it", dynamic_ncols=True)
+        for it in range(start, self.cfg.iters + 1):
+            if stop.requested:
+                return
+            yield it
+            last = self.run.metrics[-1]
+            self.bar.update()
+            self.bar.set_postfix(success=fmt(last["train_success_rate"], 2),
+                                 flawed=fmt(last["train_flawed_rate"]))
+
+    @contextlib.contextmanager
+    def timer(self, phase: str):
+        t0 = time.perf_counter()
+        yield
+        if phase == "update":
+            release_free_memory()
+        self.times[f"time_{phase}_s"] = round(time.perf_counter() - t0, 4)
+
+    def write(self, it: int, batch, R, A, stats: dict):
+        """One iteration's row: the batch, the update's terms, the clocks and the memory."""
+        env_steps = self.run.metrics[-1]["env_steps"] + len(batch["action"])
+        self.append({k: None for k in ROW_KEYS} | {"iter": it, "env_steps": env_steps}
+                    | batch_stats(batch, R, A) | stats | self.times | memory_mib())
+        self.times = {}
+
+    def append(self, row: dict):
+        row["wall_s"] = round(time.time() - self.t0, 3)
+        self.run.metrics.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def checkpoint(self):
+        save_checkpoint(self.run)
+        self.saved = self.run.metrics[-1]["iter"]
+
+    def finish(self, stop) -> dict:
+        """The summary and the plots; after a first Ctrl-C, the last iteration checkpointed before them,
+        and Interrupted. summary.json is written only by a run that reached --iters (compare.py reads
+        it as "finished")."""
+        cfg, metrics = self.cfg, self.run.metrics
+        stopped = stop.requested and metrics[-1]["iter"] < cfg.iters
+        if self.saved != metrics[-1]["iter"]:
+            self.checkpoint()
+        baseline = load_baseline(cfg, metrics)
+        summary = summarize(metrics, cfg, write=not stopped, baseline=baseline)
+        if not cfg.no_plots:
+            plot_run(metrics, cfg.out, baseline)
+        if stopped:
+            raise Interrupted(f"interrupted after iteration {metrics[-1]['iter']}; resume with: "
+                              f"python grpo_cls.py --resume {cfg.out}")
+        return summary
+
+    def hard_stop_message(self) -> str:
+        if self.saved is None:
+            return "stopped before the first checkpoint; nothing to resume"
+        return (f"stopped at once; the checkpoint of iteration {self.saved} is intact; resume with: "
+                f"python grpo_cls.py --resume {self.cfg.out}")
 
 
-def plot_probe_heatmap(metrics: list[dict], out: str, plt):
-    """The paper's Fig. 3b style: every action's probability at each flawed twin, across iterations."""
-    rows = [m for m in metrics if m.get("probe_action_probs")]
-    if not rows:
-        return
-    n_probes = len(rows[0]["probe_action_probs"])
-    fig, axes = plt.subplots(1, n_probes, figsize=(3.6 * n_probes, 3.4), squeeze=False)
-    for k, ax in enumerate(axes[0]):
-        grid = np.array([m["probe_action_probs"][k] for m in rows]).T  # (A, iterations)
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
-                       extent=(rows[0]["iter"] - 0.5, rows[-1]["iter"] + 0.5, grid.shape[0] - 0.5, -0.5))
-        ax.set_title(f"probe {k}: pi(. | flawed twin)", fontsize=9)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("action")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.savefig(os.path.join(out, "probe_heatmap.png"), dpi=110)
-    plt.close(fig)
+# ---------------------------------------------------------------------------------------------
+# The loop: train(cfg), five numbered phases; every name it calls is defined above
+# ---------------------------------------------------------------------------------------------
+
+def group_instances(cfg: Config, rng) -> tuple[np.ndarray | None, np.ndarray]:
+    """K tasks, each played G times: (tasks, seeds) for the K*G envs. Our envs take the task as an option
+    and give each member its own noise; any other env is reset from a seed alone, shared by the group."""
+    K, G = cfg.tasks_per_iter, cfg.num_generations
+    task_seeds = rng.integers(2**31 - 1, size=K)
+    if is_ours(cfg):
+        return np.repeat(task_seeds, G), rng.integers(2**31 - 1, size=K * G)
+    return None, np.repeat(task_seeds, G)
+
+
+def train(cfg: Config, checkpoint: dict | None = None) -> dict:
+    """The whole run, or its continuation from `checkpoint`. Returns the summary; writes the run folder."""
+    device, tok, policy, gen, rng = build(cfg)
+    K, G = cfg.tasks_per_iter, cfg.num_generations
+    train_envs = make_envs(cfg, K * G)
+    evaluation = Evaluation(cfg, tok, device, *probes_and_pairs(cfg, train_envs[0]))
+    check_label_source(cfg, train_envs[0])
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    cls_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the classifier's own sample stream
+    label_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # the placebo's permutations
+    run = RunState(cfg, policy, opt, ref=None, gen=gen, rng=rng, cls_gen=cls_gen, label_gen=label_gen)
+    with ctrl_c_stops_the_run() as stop, RunLog(run, checkpoint) as log:
+        if checkpoint is None:
+            cold_start(policy, cfg, train_envs, tok, rng, gen, device)
+        run.ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None  # pi_ref
+        log.begin(checkpoint, first_row=lambda: evaluation(policy, 0))  # resume, or log iteration 0
+        for it in log.iterations(stop):
+            # 1. rollout: G trajectories from identical initial states of each of K tasks
+            with log.timer("rollout"):
+                batch = rollout(policy, train_envs, tok, *group_instances(cfg, rng), gen, device,
+                                use_mask=cfg.action_mask == "env",
+                                keys=cfg.cls_labels.startswith("loop") or cfg.shaping == "loop")
+            # 2. advantages: one reward per trajectory (outcome, or shaped), for every one of its steps
+            batch["shaped_reward"] = shaped_rewards(cfg, batch)  # (K*G,) the outcome reward, unless --shaping
+            R = torch.as_tensor(batch["shaped_reward"], dtype=torch.float32, device=device).view(K, G)
+            A_traj = group_advantages(R, cfg.scale_rewards).view(-1)                              # (K*G,)
+            A, step = step_signals(cfg, batch, A_traj, device)                                    # (S,)
+            # 3. update, at a learning rate annealed linearly to 0 over the run
+            for group in run.opt.param_groups:
+                group["lr"] = cfg.lr * (1 - (it - 1) / cfg.iters if cfg.anneal_lr else 1)
+            with log.timer("update"):
+                stats = grpo_update(policy, run.ref, run.opt, cfg, batch, A, step, gen, device, run.cls_gen,
+                                    run.label_gen)
+            check_finite(stats, it, cfg)  # a NaN stops the run here; the last checkpoint stays as it was
+            # 4. evaluation every eval_every iterations; between them, the twin probes every diag_every
+            if it % cfg.eval_every == 0 or it == cfg.iters:
+                stats |= evaluation(policy, it)
+            elif evaluation.probes and it % cfg.diag_every == 0:
+                with log.timer("diag"):
+                    stats |= probe_diagnostics(policy, tok, evaluation.probes, device, evaluation.use_mask)
+                    if evaluation.pairs:
+                        stats |= pair_diagnostics(policy, tok, evaluation.pairs, device, evaluation.use_mask)
+            # 5. log, and checkpoint at each evaluation and on Ctrl-C
+            log.write(it, batch, R, A, stats)
+            if it % cfg.eval_every == 0 or it == cfg.iters or stop.requested:
+                log.checkpoint()
+        return log.finish(stop)
+    raise Interrupted(log.hard_stop_message())  # only a second Ctrl-C, which stops at once, gets here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1606,6 +1607,18 @@ def make_parser(defaults: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def check_resume(saved: dict, given: dict):
+    """What --resume may not change: the model's shape, and the length an annealed learning rate follows."""
+    changed = [k for k in SHAPE_FIELDS if k in given and given[k] != saved[k]]
+    if changed:
+        raise TrainingError(f"--resume cannot change {', '.join(changed)}: the checkpoint was trained with "
+                            + ", ".join(f"{k}={saved[k]!r}" for k in changed))
+    anneal = given.get("anneal_lr", saved.get("anneal_lr", 1))
+    if "iters" in given and given["iters"] != saved["iters"] and anneal:
+        raise TrainingError(f"--resume cannot change --iters ({saved['iters']} -> {given['iters']}) while "
+                            f"the learning rate anneals over them; resume with --anneal-lr 0, or start anew")
+
+
 def parse_args(argv=None) -> tuple[Config, dict | None]:
     """The config, and the checkpoint to continue from when --resume is given."""
     parser = make_parser()
@@ -1630,17 +1643,26 @@ def parse_args(argv=None) -> tuple[Config, dict | None]:
         parser.error(str(e))
 
 
-def check_resume(saved: dict, given: dict):
-    """What --resume may not change: the model's shape, and the length an annealed learning rate follows."""
-    changed = [k for k in SHAPE_FIELDS if k in given and given[k] != saved[k]]
-    if changed:
-        raise TrainingError(f"--resume cannot change {', '.join(changed)}: the checkpoint was trained with "
-                            + ", ".join(f"{k}={saved[k]!r}" for k in changed))
-    anneal = given.get("anneal_lr", saved.get("anneal_lr", 1))
-    if "iters" in given and given["iters"] != saved["iters"] and anneal:
-        raise TrainingError(f"--resume cannot change --iters ({saved['iters']} -> {given['iters']}) while "
-                            f"the learning rate anneals over them; resume with --anneal-lr 0, or start anew")
-
+def print_summary(s: dict, cfg: Config):
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    if cfg.cls_weight > 0 and cfg.cls_labels == "oracle":
+        print("oracle labels: the env's own flaw flag, an upper bound a real agent lacks (docs/cure.md)")
+    arm = f"cls_weight {cfg.cls_weight:g} ({cfg.cls_labels} labels)" if cfg.cls_weight > 0 else "plain GRPO"
+    print(f"{cfg.env} | {arm} | seed {cfg.seed} | {s['iters']} iters, {s['env_steps']} env steps, "
+          f"{s['wall_s']:.0f} s")
+    print(f"  success       in-domain {f(s['initial_success_rate'])} -> {f(s['success_rate'])}   "
+          f"held-out {f(s['initial_ood_success_rate'])} -> {f(s['ood_success_rate'])}")
+    print(f"  flawed rate   in-domain {f(s['initial_flawed_rate'])} -> {f(s['flawed_rate'])}   "
+          f"held-out {f(s['ood_flawed_rate'])}")
+    print(f"  eval return   {f(s['initial_eval_return'])} -> {f(s['eval_return'])}")
+    print(f"  twin probes   pi(flawed) {f(s['probe_flawed_prob'])}   grad cos {f(s['grad_cos_twin'])}   "
+          f"embed cos {f(s['embed_cos_good_bad'])}")
+    if s.get("baseline"):
+        print(f"  plain GRPO    flawed rate {f(s['baseline_flawed_rate'])}   pi(flawed) at the twins "
+              f"{f(s['baseline_probe_flawed_prob'])}   success {f(s['baseline_success_rate'])}")
+        print(f"                (the stored run {os.path.relpath(s['baseline'])}, from the same cold start; "
+              f"vs_plain.png)")
+    print(f"  run folder    {cfg.out}  (curves.png, coupling.png, metrics.jsonl, episode_*.txt)")
 
 def main(argv=None):
     cfg, checkpoint = parse_args(argv)
@@ -1675,27 +1697,6 @@ def main(argv=None):
     if not cfg.quiet:
         print_summary(summary, cfg)
 
-
-def print_summary(s: dict, cfg: Config):
-    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    if cfg.cls_weight > 0 and cfg.cls_labels == "oracle":
-        print("oracle labels: the env's own flaw flag, an upper bound a real agent lacks (docs/cure.md)")
-    arm = f"cls_weight {cfg.cls_weight:g} ({cfg.cls_labels} labels)" if cfg.cls_weight > 0 else "plain GRPO"
-    print(f"{cfg.env} | {arm} | seed {cfg.seed} | {s['iters']} iters, {s['env_steps']} env steps, "
-          f"{s['wall_s']:.0f} s")
-    print(f"  success       in-domain {f(s['initial_success_rate'])} -> {f(s['success_rate'])}   "
-          f"held-out {f(s['initial_ood_success_rate'])} -> {f(s['ood_success_rate'])}")
-    print(f"  flawed rate   in-domain {f(s['initial_flawed_rate'])} -> {f(s['flawed_rate'])}   "
-          f"held-out {f(s['ood_flawed_rate'])}")
-    print(f"  eval return   {f(s['initial_eval_return'])} -> {f(s['eval_return'])}")
-    print(f"  twin probes   pi(flawed) {f(s['probe_flawed_prob'])}   grad cos {f(s['grad_cos_twin'])}   "
-          f"embed cos {f(s['embed_cos_good_bad'])}")
-    if s.get("baseline"):
-        print(f"  plain GRPO    flawed rate {f(s['baseline_flawed_rate'])}   pi(flawed) at the twins "
-              f"{f(s['baseline_probe_flawed_prob'])}   success {f(s['baseline_success_rate'])}")
-        print(f"                (the stored run {os.path.relpath(s['baseline'])}, from the same cold start; "
-              f"vs_plain.png)")
-    print(f"  run folder    {cfg.out}  (curves.png, coupling.png, metrics.jsonl, episode_*.txt)")
 
 if __name__ == "__main__":
     main()

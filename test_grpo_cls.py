@@ -1098,7 +1098,8 @@ def cold_started_batch(env: str, seed: int = 0, sft_steps: int = 100):
 def test_the_classifier_term_alone_learns_the_oracle_and_pulls_the_twins_apart():
     """With every advantage 0 the policy gradient is off: whatever changes is the classifier's doing.
     A few epochs of the classification term must lift its agreement with the oracle well above the
-    better constant guess, and move the pair embeddings of the twin probes."""
+    better constant guess, and lower the cosine of the twin probes' pair embeddings phi(s_good, a) and
+    phi(s_flawed, a) (about 1.00 -> 0.88 here)."""
     cfg, state, batch = cold_started_state("text")
     device, tok, policy, gen, _ = g.build(cfg)
     policy.load_state_dict(state)
@@ -1118,7 +1119,7 @@ def test_the_classifier_term_alone_learns_the_oracle_and_pulls_the_twins_apart()
                   torch.zeros(len(a)), None, gen, device)
     after, embed_after = agreement(), g.probe_diagnostics(policy, tok, probes, device)["embed_cos_good_bad"]
     assert after >= constant_guess + 0.1, (before, after, constant_guess)
-    assert abs(embed_after - embed_before) > 0.01, (embed_before, embed_after)
+    assert embed_after < embed_before - 0.05, (embed_before, embed_after)  # the twins' phi moved apart
 
 
 @pytest.mark.parametrize("env", ["text", "grid"])
@@ -1667,3 +1668,48 @@ def test_the_stored_runs_regenerate_the_committed_coupling_and_channel_reports_e
                              cwd=here, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stderr[-2000:]
         assert (tmp_path / report).read_text() == open(os.path.join(here, "results", report)).read(), report
+
+
+# ---------------------------------------------------------------------------------------------
+# The code reads as a text: top to bottom, in pieces a reader can hold
+# ---------------------------------------------------------------------------------------------
+
+def module_level_forward_references(path: str) -> list[tuple[str, str]]:
+    """(definition, name) for every module-level name that a top-level definition of `path` reads but
+    that is defined further down the file. Type hints do not count: they are never evaluated here."""
+    import ast
+    tree = ast.parse(open(path).read())
+    first_line = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            getattr(node, "targets", [getattr(node, "target", None)])
+        for t in targets:
+            name = getattr(t, "name", getattr(t, "id", None))
+            if name:
+                first_line.setdefault(name, node.lineno)
+    hints = set()
+    for node in ast.walk(tree):
+        annotations = [getattr(node, "annotation", None), getattr(node, "returns", None)]
+        if isinstance(node, ast.FunctionDef):
+            annotations += [a.annotation for a in node.args.args + node.args.kwonlyargs]
+        hints |= {id(n) for ann in annotations if ann is not None for n in ast.walk(ann)}
+    return sorted({(getattr(node, "name", "?"), n.id) for node in tree.body for n in ast.walk(node)
+                   if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in hints
+                   and first_line.get(n.id, 0) > node.lineno})
+
+
+def test_the_code_reads_top_to_bottom_no_name_is_used_above_its_definition(tmp_path):
+    """A student reads grpo_cls.py from the top and never needs a name defined further down."""
+    assert module_level_forward_references(os.path.join(HERE, "grpo_cls.py")) == []
+    later = tmp_path / "later.py"  # the check itself bites: a use above the definition is found
+    later.write_text("def first():\n    return second()\n\n\ndef second(x: 'Hint') -> int:\n    return 1\n\n\n"
+                     "class Hint:\n    pass\n")
+    assert module_level_forward_references(str(later)) == [("first", "second")]
+
+
+def test_no_function_in_any_file_is_longer_than_80_lines():
+    import ast
+    long = [(f, node.name, node.end_lineno - node.lineno + 1) for f in sorted(os.listdir(HERE)) if f.endswith(".py")
+            for node in ast.walk(ast.parse(open(os.path.join(HERE, f)).read()))
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80]
+    assert long == []

@@ -132,10 +132,10 @@ def processed_samples(row: dict, steps: int, epochs: int = 1) -> int:
 def measure_update(cfg, device, policy, gen, batch) -> dict:
     K, G = cfg.tasks_per_iter, cfg.num_generations
     R = torch.as_tensor(batch["reward"], dtype=torch.float32, device=device).view(K, G)
-    A, step = g.step_signals(cfg, batch, g.group_advantages(R, cfg.scale_rewards).view(-1), device)  # (S,)
+    A = g.step_advantages(cfg, batch, g.group_advantages(R, cfg.scale_rewards).view(-1), device)  # (S,)
     opt = torch.optim.Adam(policy.parameters(), lr=1e-9)  # a tiny lr: the policy stays as it is
     stats = []
-    t = timed(lambda: stats.append(g.grpo_update(policy, None, opt, cfg, batch, A, step, gen, device)))
+    t = timed(lambda: stats.append(g.grpo_update(policy, None, opt, cfg, batch, A, None, gen, device)))
     useful = processed_samples(stats[-1], len(batch["action"]), cfg.num_iterations)
     real = useful / t
     bare = bare_update_samples_per_s(policy, batch, cfg, device)
@@ -170,8 +170,8 @@ def measure_scaling(base: g.Config, sizes=(4, 16, 64)) -> list[dict]:
             tasks, seeds = iteration_inputs(cfg, rng, len(envs_))
             b = g.rollout(policy, envs_, tok, tasks, seeds, gen, device)
             R = torch.as_tensor(b["reward"], dtype=torch.float32).view(K, cfg.num_generations)
-            A, step = g.step_signals(cfg, b, g.group_advantages(R).view(-1), device)
-            g.grpo_update(policy, None, opt, cfg, b, A, step, gen, device)
+            A = g.step_advantages(cfg, b, g.group_advantages(R).view(-1), device)
+            g.grpo_update(policy, None, opt, cfg, b, A, None, gen, device)
         rows.append({"trajectories": K * cfg.num_generations, "s_per_iter": timed(iteration)})
     return rows
 

@@ -149,7 +149,7 @@ def mechanism(env: str, epochs: int = 10, seed: int = 1, **overrides) -> dict:
     tasks, seeds = np.repeat(rng.integers(2**31 - 1, size=K), G), rng.integers(2**31 - 1, size=K * G)
     batch = g.rollout(policy, envs_, tok, tasks, seeds, gen, device)
     R = torch.as_tensor(batch["reward"], dtype=torch.float32, device=device).view(K, G)
-    A, _ = g.step_signals(cfg, batch, g.group_advantages(R).view(-1), device)
+    A = g.step_advantages(cfg, batch, g.group_advantages(R).view(-1), device)
     probes, start = envs_[0].unwrapped.twin_probes(), copy.deepcopy(policy.state_dict())
 
     def cosines():

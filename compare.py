@@ -24,6 +24,7 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+import shlex
 import sys
 import time
 
@@ -248,15 +249,11 @@ def label_quality(task: str, seed: int, init: str) -> dict:
     tasks, seeds = np.repeat(rng.integers(2**31 - 1, size=K), G), rng.integers(2**31 - 1, size=K * G)
     b = g.rollout(policy, envs_, tok, tasks, seeds, gen, device, use_mask=cfg.action_mask == "env", keys=True)
     R = torch.as_tensor(b["reward"], dtype=torch.float32, device=device).view(K, G)
-    A, step = g.step_signals(cfg, b, g.group_advantages(R, cfg.scale_rewards).view(-1), device)
-    loops = {name: tuple(torch.as_tensor(v, device=device) for v in g.loop_labels(
-        b["traj"], b["key"], b["next_key"], b["success"], close_bad=name == "loop"))
-        for name in ("loop", "loop-repaired")}
+    A = g.step_advantages(cfg, b, g.group_advantages(R, cfg.scale_rewards).view(-1), device)
     flawed = torch.as_tensor(b["flawed"], device=device)
     out = {}
-    for source, labels in (("advantage", None), ("step", step), ("loop", loops["loop"]),
-                           ("loop-repaired", loops["loop-repaired"])):
-        y, labelled = g.cls_targets(source, A, flawed, labels)
+    for source in LABEL_SOURCES:
+        y, labelled = g.classifier_labels(dataclasses.replace(cfg, cls_labels=source), b, A, device)
         bad = flawed[labelled].float().mean().item()  # a constant guess agrees max(bad, 1 - bad) of the time
         said_bad = labelled & (y > 0)
         precision = flawed[said_bad].float().mean().item() if said_bad.any() else None
@@ -591,7 +588,139 @@ def parse_args(argv=None):
         p.error("--iters and --workers must be >= 1 and --seeds needs two seeds (a confidence interval needs two)")
     args.name = args.name or ("" if args.iters == ITERS else f"iters{args.iters}")
     args.doc_block = args.doc_block or args.name or "compare"
+    args.suffix = f"-{args.name}" if args.name else ""  # other matrices never overwrite the default's files
+    args.runs = args.runs or "runs/compare" + args.suffix
+    args.plain_seeds = args.seeds + [s for s in args.coupling_seeds if s not in args.seeds]
+    args.command = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))  # for the report
     return args
+
+
+def init_dir(runs: str, task: str, seed: int) -> str:
+    return os.path.join(runs, "init", f"{task}-seed{seed}")
+
+
+def run_dir(runs: str, task: str, arm: str, seed: int) -> str:
+    return os.path.join(runs, f"{task}-{arm}-seed{seed}")
+
+
+def run_stage(args, cells: list[tuple], desc: str) -> tuple[dict, int]:
+    """Train what is missing of cells (task, arm name, overrides, seed), in this order, from one shared cold
+    start per (task, seed). Returns each cell's measures and how many finished runs were reused."""
+    fields = dict.fromkeys((t, s) for t, _, _, s in cells)
+    inits = [("init", dataclasses.asdict(arm_config(t, s, {}, args.iters, init_dir(args.runs, t, s)))) for t, s in fields]
+    arms = [("arm", dataclasses.asdict(arm_config(t, s, over, args.iters, run_dir(args.runs, t, arm, s))),
+             init_dir(args.runs, t, s)) for t, arm, over, s in cells]
+    todo = [j for j in inits if not is_done(j[1], "checkpoint.pt")]
+    run_all(todo, args.workers, "cold starts")
+    redone = {j[1]["out"] for j in todo}
+    todo_arms = [j for j in arms if j[2] in redone or not is_done(j[1])]  # a new cold start redoes its arms
+    run_all(todo_arms, args.workers, desc)
+    results = {(t, arm, s): run_measures(run_dir(args.runs, t, arm, s)) for t, arm, _, s in cells}
+    return results, len(arms) - len(todo_arms)
+
+
+def stage2_arms(best: str | None) -> dict:
+    """Stage 2's arms around stage 1's best label source: the weight sweep and the separate design."""
+    arms = {f"{best}-w{w:g}": ARMS.get(best, {}) | {"cls_weight": w} for w in SWEEP_WEIGHTS}
+    return arms | {f"{best}-separate": ARMS.get(best, {}) | {"cls_design": "separate"}}
+
+
+def run_matrix(args) -> tuple[dict, int, str | None]:
+    """Stage 1: plain GRPO on every seed first (claim 3b needs only those), then each seed's other arms.
+    Stage 2 (unless --no-stage2) on the classifier arm with the lowest mean final flawed rate.
+    Returns the measures of every run, the number reused, and that arm."""
+    tasks, seeds = args.tasks.split(","), args.seeds
+    cells = [(t, "plain", {}, s) for t in tasks for s in args.plain_seeds]
+    cells += [(t, arm, ARMS[arm], s) for s in seeds for t in tasks for arm in args.arms[1:]]
+    results, reused = run_stage(args, cells, "stage 1")
+    labels = [a for a in args.arms if a.startswith("cls-")]
+    best = min(labels, key=lambda a: np.mean([results[(t, a, s)]["flawed"] for t in tasks for s in seeds]),
+               default=None)
+    if not args.no_stage2:
+        if best is None:
+            sys.exit("compare.py: stage 2 needs a classifier arm in stage 1; add one to --arms or pass --no-stage2")
+        more, reused2 = run_stage(args, [(t, arm, over, s) for s in seeds for t in args.stage2_tasks.split(",")
+                                         for arm, over in stage2_arms(best).items()], "stage 2")
+        results, reused = results | more, reused + reused2
+    return results, reused, best
+
+
+def model_of(run: str) -> dict:
+    return g.load_checkpoint(run)["model"]
+
+
+def write_figures(args, results: dict, best: str | None):
+    """The matrix's figures, into --out: curves, the sweep, coupling, the headline, the embeddings."""
+    tasks, seeds, suffix = args.tasks.split(","), args.seeds, args.suffix
+    os.makedirs(args.out, exist_ok=True)
+    plot_curves(results, tasks, args.arms, seeds, os.path.join(args.out, f"compare_curves{suffix}.png"),
+                f"stage 1: mean of {len(seeds)} seeds, band = lowest to highest seed")
+    if not args.no_stage2:
+        plot_curves(results, args.stage2_tasks.split(","), ["plain", best] + list(stage2_arms(best)), seeds,
+                    os.path.join(args.out, f"compare_sweep{suffix}.png"),
+                    f"stage 2 ({best}): weight 0.1 / 0.5 / 2 and the separate-path design")
+    plot_coupling(results, tasks, args.plain_seeds, os.path.join(args.out, f"coupling{suffix}.png"))
+    plot_headline(results, tasks, args.plain_seeds, seeds, os.path.join(args.out, f"headline{suffix}.png"), args.arms)
+    panels, s1 = [], seeds[0]  # the first seed: the shared cold start, then plain GRPO and the best classifier
+    for t in tasks:
+        plain = arm_config(t, s1, {}, args.iters, "unused")
+        panels.append((t, "cold start (every arm)", *pair_embeddings(plain, model_of(init_dir(args.runs, t, s1)))))
+        panels.append((t, "plain GRPO, after", *pair_embeddings(plain, model_of(run_dir(args.runs, t, "plain", s1)))))
+        if best is not None:
+            cfg = arm_config(t, s1, ARMS[best], args.iters, "unused")
+            panels.append((t, f"{best}, after", *pair_embeddings(cfg, model_of(run_dir(args.runs, t, best, s1)))))
+    plot_embeddings(panels, os.path.join(args.out, f"embedding_scatter{suffix}.png"))
+
+
+RULES = ("Verdicts follow the rules of results/PROTOCOL.md: an effect is a paired 95% interval that excludes 0. "
+         f"Steps to 0.9: the first iteration whose last {SMOOTH} iterations' training success averages >= "
+         f"{SUCCESS_BAR} (k/n: seeds that got there). Probe area: pi(flawed | flawed twin) averaged over "
+         f"training (trapezoid). ")
+
+
+def task_tables(results: dict, t: str, arms: list[str], seeds) -> list[str]:
+    """One task's stage-1 tables: the arms, each minus plain, the verdicts, the channels, the masked commands."""
+    lines = ["", f"### {t}: stage 1", ""] + table(results, t, arms, seeds)
+    lines += ["", f"{t}, each arm minus plain GRPO on the same seed:", ""] + paired_table(results, t, arms[1:], seeds)
+    lines += ["", f"{t}, verdicts (arm minus plain GRPO, same seed):", ""] + verdict_table(results, t, arms[1:], seeds)
+    channels = channel_table(results, t, seeds)
+    if len(channels) > 2:
+        lines += ["", f"{t}, same labels, two channels (classifier arm minus shaping arm, same seed):", ""] + channels
+    if TASKS[t].get("action_mask") == "none":
+        lines += ["", f"{t}, commands the env would have masked (training batches):", ""]
+        lines += invalid_table(results, t, arms, seeds)
+    return lines
+
+
+def report(args, results: dict, best: str | None, took: str) -> str:
+    """The matrix's tables as markdown: claim 3b's coupling, each task's arms, verdicts, channels, rule D,
+    label quality and stage 2."""
+    tasks, seeds, arms = args.tasks.split(","), args.seeds, args.arms
+    seed_text = ",".join(map(str, seeds))
+    lines = [f"Generated by `python compare.py {args.command}`: {args.iters}-iteration runs, seeds {seed_text}, default "
+             f"config otherwise; every cell is the mean ± the half-width of a 95% Student-t interval over seeds. "
+             + RULES + ("" if args.no_stage2 else f"Stage 2 uses {best}, the label source with the lowest mean final "
+                        f"flawed rate in stage 1, pooled over the tasks. ") + took]
+    lines += ["", "### Claim 3b: coupling over training, against the within-run control", "",
+              f"Plain GRPO, seeds {','.join(map(str, args.plain_seeds))}. Δ log-ratio: the training mean of log "
+              f"pi(coupled flawed action | flawed twin) - log mean pi(other flawed actions | flawed twin), minus its "
+              f"value after the cold start, averaged over the probes (compare.coupling_measures).", ""]
+    lines += coupling_table(results, tasks, args.plain_seeds)
+    for t in tasks:
+        lines += task_tables(results, t, arms, seeds)
+    rule = default_label_rule(results, seeds)
+    if rule:
+        lines += ["", "### The default label source (results/PROTOCOL.md, the decisive matrix, rule D)", ""] + rule
+    quality = {(t, s): label_quality(t, s, init_dir(args.runs, t, s)) for t in tasks for s in seeds}
+    lines += ["", "### Label quality", "", "On a training-sized batch played by each seed's cold-started policy (labels "
+              "change as training goes on):", ""] + label_table(quality, tasks, seeds)
+    for t in args.stage2_tasks.split(",") if not args.no_stage2 else []:
+        sweep = [best] + list(stage2_arms(best))
+        lines += ["", f"### {t}: stage 2, {best}", ""] + table(results, t, ["plain"] + sweep, seeds)
+        lines += ["", f"{t}, each minus plain GRPO on the same seed:", ""] + paired_table(results, t, sweep, seeds)
+        lines += ["", f"{t}, the separate design minus the shared one ({best}, weight 0.5), same seed:", ""]
+        lines += paired_table(results, t, [f"{best}-separate"], seeds, base=best)
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -599,116 +728,17 @@ def main(argv=None):
     if args.recheck:
         sys.exit(recheck(*args.recheck))
     os.environ["OMP_NUM_THREADS"] = "1"  # the workers inherit it: two 2-thread processes on 2 cores collapse
-    tasks, tasks2, seeds = args.tasks.split(","), args.stage2_tasks.split(","), args.seeds
-    plain_seeds = seeds + [s for s in args.coupling_seeds if s not in seeds]
-    suffix = f"-{args.name}" if args.name else ""  # other matrices never overwrite the default's files
-    args.runs = args.runs or "runs/compare" + suffix
-    init_dir = lambda t, s: os.path.join(args.runs, "init", f"{t}-seed{s}")  # noqa: E731
-    run_dir = lambda t, arm, s: os.path.join(args.runs, f"{t}-{arm}-seed{s}")  # noqa: E731
-    fields = lambda t, s, over, out: dataclasses.asdict(arm_config(t, s, over, args.iters, out))  # noqa: E731
     t0 = time.time()
-
-    reused = []
-
-    def stage(cells: list[tuple], desc: str):  # cells: (task, arm name, overrides, seed), run in this order
-        inits = [("init", fields(t, s, {}, init_dir(t, s))) for t, s in dict.fromkeys((t, s) for t, _, _, s in cells)]
-        arms = [("arm", fields(t, s, over, run_dir(t, arm, s)), init_dir(t, s)) for t, arm, over, s in cells]
-        todo = [j for j in inits if not is_done(j[1], "checkpoint.pt")]
-        run_all(todo, args.workers, "cold starts")
-        redone = {j[1]["out"] for j in todo}
-        todo_arms = [j for j in arms if j[2] in redone or not is_done(j[1])]  # a new cold start redoes its arms
-        reused.extend(j for j in arms if j not in todo_arms)
-        run_all(todo_arms, args.workers, desc)
-        return {(t, arm, s): run_measures(run_dir(t, arm, s)) for t, arm, _, s in cells}
-
-    # stage 1: plain GRPO on every seed first (claim 3b needs only those), then each seed's other arms
-    cells = [(t, "plain", {}, s) for t in tasks for s in plain_seeds]
-    arms = args.arms
-    cells += [(t, arm, ARMS[arm], s) for s in seeds for t in tasks for arm in arms[1:]]
     try:
-        results = stage(cells, "stage 1")
-        labels = [a for a in arms if a.startswith("cls-")]
-        best = min(labels, key=lambda a: np.mean([results[(t, a, s)]["flawed"] for t in tasks for s in seeds]),
-                   default=None)
-        stage2 = {f"{best}-w{w:g}": ARMS.get(best, {}) | {"cls_weight": w} for w in SWEEP_WEIGHTS}
-        stage2[f"{best}-separate"] = ARMS.get(best, {}) | {"cls_design": "separate"}
-        if not args.no_stage2:
-            if best is None:
-                sys.exit("compare.py: stage 2 needs a classifier arm in stage 1; add one to --arms or pass --no-stage2")
-            results |= stage([(t, arm, over, s) for s in seeds for t in tasks2 for arm, over in stage2.items()],
-                             "stage 2")
+        results, reused, best = run_matrix(args)
     except KeyboardInterrupt:
         sys.exit(f"compare.py: interrupted; {args.runs} keeps every finished run, and the same command skips them")
-    os.makedirs(args.out, exist_ok=True)
-    plot_curves(results, tasks, arms, seeds, os.path.join(args.out, f"compare_curves{suffix}.png"),
-                f"stage 1: mean of {len(seeds)} seeds, band = lowest to highest seed")
-    sweep_arms = [best] + list(stage2)
-    if not args.no_stage2:
-        plot_curves(results, tasks2, ["plain"] + sweep_arms, seeds,
-                    os.path.join(args.out, f"compare_sweep{suffix}.png"),
-                    f"stage 2 ({best}): weight 0.1 / 0.5 / 2 and the separate-path design")
-    plot_coupling(results, tasks, plain_seeds, os.path.join(args.out, f"coupling{suffix}.png"))
-    plot_headline(results, tasks, plain_seeds, seeds, os.path.join(args.out, f"headline{suffix}.png"), arms)
-    panels, load = [], lambda d: g.load_checkpoint(d)["model"]  # noqa: E731
-    s1 = seeds[0]  # the first seed: the shared cold start, then plain GRPO and the best classifier after training
-    for t in tasks:
-        cfg_plain = arm_config(t, s1, {}, args.iters, "unused")
-        panels.append((t, "cold start (every arm)", *pair_embeddings(cfg_plain, load(init_dir(t, s1)))))
-        panels.append((t, "plain GRPO, after", *pair_embeddings(cfg_plain, load(run_dir(t, "plain", s1)))))
-        if best is not None:
-            panels.append((t, f"{best}, after", *pair_embeddings(arm_config(t, s1, ARMS[best], args.iters, "unused"),
-                                                                load(run_dir(t, best, s1)))))
-    plot_embeddings(panels, os.path.join(args.out, f"embedding_scatter{suffix}.png"))
-    quality = {(t, s): label_quality(t, s, init_dir(t, s)) for t in tasks for s in seeds}
+    write_figures(args, results, best)
     minutes, n_runs = (time.time() - t0) / 60, len(results)
-    took = (f"This invocation took {minutes:.1f} min, reusing {len(reused)} of {n_runs} finished runs from an earlier "
+    took = (f"This invocation took {minutes:.1f} min, reusing {reused} of {n_runs} finished runs from an earlier "
             f"one." if reused else f"This run took {minutes:.1f} min, all {n_runs} runs included.")
-    seed_text = lambda v: ",".join(map(str, v))  # noqa: E731
-    command = (f"python compare.py --iters {args.iters} --seeds {seed_text(seeds)}"
-               + (f" --coupling-seeds {seed_text(args.coupling_seeds)}" if args.coupling_seeds else "")
-               + (f" --tasks {args.tasks}" if args.tasks != "text,grid" else "")
-               + (f" --arms {','.join(arms)}" if ",".join(arms) != DEFAULT_ARMS else "")
-               + (f" --name {args.name}" if args.name and args.name != f"iters{args.iters}" else "")
-               + (f" --runs {args.runs}" if args.runs != "runs/compare" + suffix else "")
-               + (" --no-stage2" if args.no_stage2 else ""))
-    lines = [f"Generated by `{command}`: {args.iters}-iteration runs, seeds {seed_text(seeds)}, default config "
-             f"otherwise; every cell is the mean ± the half-width of a 95% Student-t interval over seeds. "
-             f"Verdicts follow the rules of results/PROTOCOL.md: an effect is a paired 95% interval that excludes 0. "
-             f"Steps to 0.9: the first iteration whose last {SMOOTH} iterations' training success averages >= "
-             f"{SUCCESS_BAR} (k/n: seeds that got there). Probe area: pi(flawed | flawed twin) averaged over "
-             f"training (trapezoid). "
-             + ("" if args.no_stage2 else f"Stage 2 uses {best}, the label source with the lowest mean final "
-                f"flawed rate in stage 1, pooled over the tasks. ") + took]
-    lines += ["", "### Claim 3b: coupling over training, against the within-run control", "",
-              f"Plain GRPO, seeds {seed_text(plain_seeds)}. Δ log-ratio: the training mean of log pi(coupled flawed "
-              f"action | flawed twin) - log mean pi(other flawed actions | flawed twin), minus its value after the "
-              f"cold start, averaged over the probes (compare.coupling_measures).", ""]
-    lines += coupling_table(results, tasks, plain_seeds)
-    for t in tasks:
-        lines += ["", f"### {t}: stage 1", ""] + table(results, t, arms, seeds)
-        lines += ["", f"{t}, each arm minus plain GRPO on the same seed:", ""]
-        lines += paired_table(results, t, arms[1:], seeds)
-        lines += ["", f"{t}, verdicts (arm minus plain GRPO, same seed):", ""]
-        lines += verdict_table(results, t, arms[1:], seeds)
-        channels = channel_table(results, t, seeds)
-        if len(channels) > 2:
-            lines += ["", f"{t}, same labels, two channels (classifier arm minus shaping arm, same seed):", ""]
-            lines += channels
-        if TASKS[t].get("action_mask") == "none":
-            lines += ["", f"{t}, commands the env would have masked (training batches):", ""]
-            lines += invalid_table(results, t, arms, seeds)
-    rule = default_label_rule(results, seeds)
-    if rule:
-        lines += ["", "### The default label source (results/PROTOCOL.md, the decisive matrix, rule D)", ""] + rule
-    lines += ["", "### Label quality", "", "On a training-sized batch played by each seed's cold-started policy (labels "
-              "change as training goes on):", ""] + label_table(quality, tasks, seeds)
-    for t in tasks2 if not args.no_stage2 else []:
-        lines += ["", f"### {t}: stage 2, {best}", ""] + table(results, t, ["plain"] + sweep_arms, seeds)
-        lines += ["", f"{t}, each minus plain GRPO on the same seed:", ""] + paired_table(results, t, sweep_arms, seeds)
-        lines += ["", f"{t}, the separate design minus the shared one ({best}, weight 0.5), same seed:", ""]
-        lines += paired_table(results, t, [f"{best}-separate"], seeds, base=best)
-    block = "\n".join(lines)
-    with open(os.path.join(args.out, f"compare{suffix}.md"), "w") as f:
+    block = report(args, results, best, took)
+    with open(os.path.join(args.out, f"compare{args.suffix}.md"), "w") as f:
         f.write("# Claims 3b and 4: coupling over training, and the classifier arms\n\n" + block + "\n")
     if not args.no_doc:
         update_doc(block, marker=args.doc_block, path=args.doc_file)

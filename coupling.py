@@ -484,6 +484,23 @@ def run_or_report(job: tuple) -> tuple:
         return job, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
+def work_and_stored(args, name: str) -> tuple[str, str]:
+    """A run's working folder under --runs and its stored copy under --store."""
+    return os.path.join(args.runs, name), os.path.join(args.store, name)
+
+
+def cell_dirs(args, task: str, arm: str, seed: int) -> tuple[str, str]:
+    return work_and_stored(args, f"{task}-{arm}-seed{seed}")
+
+
+def init_dirs(args, task: str, seed: int) -> tuple[str, str]:
+    return work_and_stored(args, os.path.join("init", f"{task}-seed{seed}"))
+
+
+def job_fields(args, task: str, seed: int, overrides: dict, out: str) -> dict:
+    return dataclasses.asdict(c.arm_config(task, seed, overrides, args.iters, out))
+
+
 def train_missing(args, arms_of: dict = ARMS_OF, overrides=arm_overrides) -> float:
     """Run every cell not yet stored, in seed order; store each run as it finishes. Returns the minutes.
     arms_of: task -> arm names; overrides(task, arm, seed) -> the arm's Config fields."""
@@ -491,25 +508,22 @@ def train_missing(args, arms_of: dict = ARMS_OF, overrides=arm_overrides) -> flo
     from tqdm import tqdm
     os.environ["OMP_NUM_THREADS"] = "1"  # the workers inherit it: two 2-thread processes on 2 cores collapse
     t0 = time.time()
-    both = lambda name: (os.path.join(args.runs, name), os.path.join(args.store, name))  # noqa: E731  (work, stored)
-    cell = lambda t, a, s: both(f"{t}-{a}-seed{s}")  # noqa: E731
-    init = lambda t, s: both(os.path.join("init", f"{t}-seed{s}"))  # noqa: E731
-    fields = lambda t, s, over, out: dataclasses.asdict(c.arm_config(t, s, over, args.iters, out))  # noqa: E731
     cells = [(t, a, s) for s in args.seeds for t in arms_of for a in arms_of[t]]
     starts = list(dict.fromkeys((t, s) for t, _, s in cells))
-    for run, stored in [init(*x) for x in starts] + [cell(*x) for x in cells]:
+    for run, stored in [init_dirs(args, *x) for x in starts] + [cell_dirs(args, *x) for x in cells]:
         if is_stored(stored) and not os.path.isfile(os.path.join(run, "config.json")):
             unpack(stored, run)  # a stored run resumes the matrix on a new machine
-    inits = [("init", fields(t, s, {"twin_pairs": PAIRS}, init(t, s)[0])) for t, s in starts]
+    inits = [("init", job_fields(args, t, s, {"twin_pairs": PAIRS}, init_dirs(args, t, s)[0])) for t, s in starts]
     todo = [j for j in inits if not c.is_done(j[1], "checkpoint.pt")]
     c.run_all(todo, args.workers, "cold starts")
     redone = {j[1]["out"] for j in todo}
     for x in starts:
-        if not is_stored(init(*x)[1]) or init(*x)[0] in redone:
-            store(*init(*x), INIT_NAMES)
-    jobs = [("arm", fields(t, s, overrides(t, a, s), cell(t, a, s)[0]), init(t, s)[0]) for t, a, s in cells]
+        if not is_stored(init_dirs(args, *x)[1]) or init_dirs(args, *x)[0] in redone:
+            store(*init_dirs(args, *x), INIT_NAMES)
+    jobs = [("arm", job_fields(args, t, s, overrides(t, a, s), cell_dirs(args, t, a, s)[0]), init_dirs(args, t, s)[0])
+            for t, a, s in cells]
     todo_arms = [j for j in jobs if j[2] in redone or not c.is_done(j[1])]  # a new cold start redoes its arms
-    stored_as = {cell(*x)[0]: cell(*x)[1] for x in cells}
+    stored_as = dict(cell_dirs(args, *x) for x in cells)
     with mp.get_context("spawn").Pool(args.workers) as pool, \
             tqdm(total=len(todo_arms), desc="runs", unit="run") as bar:
         for job, failed in pool.imap_unordered(run_or_report, todo_arms):

@@ -10,13 +10,15 @@ Ren & Sutherland (arXiv:2407.10490).
 
 The objective, per step sample (s, a) of trajectory j in a group of G trajectories of one task:
     A_j      = (R_j - mean(R)) / (std(R) + eps)                      group-relative advantage
-                                                   (--adv gigpo adds omega * A_S per step; step_signals)
+                                                   (--adv gigpo adds omega * A_S per step; step_advantages)
     rho      = pi(a|s) / pi_old(a|s)
     pg_loss  = -min(rho * A_j, clip(rho, 1 - epsilon, 1 + epsilon) * A_j)
     kl       = exp(d) - d - 1,  d = log pi_ref(a|s) - log pi(a|s)    (k3 estimator)
     cls_loss = BCE(c(s, a), y(s, a))                                 y = 1 if the action is bad
     loss     = pg_loss + beta * kl + cls_weight * cls_loss
-Symbols -> code: G = num_generations, epsilon = clip range, beta = KL weight, R = outcome reward.
+Symbols -> code: G = num_generations, epsilon = clip range, beta = KL weight, R = the trajectory's
+reward that GRPO normalises (the outcome reward, 1 on success; minus lambda per bad step under the
+--shaping control), A = advantage, y = label (1 = bad).
 The file reads top to bottom: no name is used above its definition (test_the_code_reads_top_to_bottom).
 The method is everything above the ruler "Plumbing", and the loop train() after the plumbing.
 
@@ -265,7 +267,7 @@ class Tokenizer:
         self.words = ["<pad>", "<s>"] + list(vocab)
         self.words += sorted({w for a in self.action_names for w in a.split()} - set(self.words))
         self.index = {w: i for i, w in enumerate(self.words)}
-        # (A, k) the words of each action's name, padded with 0: actions share word embeddings
+        # (n_act, k) the words of each action's name, padded with 0: actions share word embeddings
         k = max(len(a.split()) for a in self.action_names)
         self.action_tokens = np.zeros((len(self.action_names), k), dtype=np.int64)
         for i, name in enumerate(self.action_names):
@@ -288,7 +290,8 @@ class Tokenizer:
 
 # ---------------------------------------------------------------------------------------------
 # Model: a small pre-LN transformer; the policy logit and the classifier read one pair embedding
-# Letters: B = samples, L = tokens per observation, A = actions, d = width, k = words per action
+# Letters: B = samples, L = tokens per observation, n_act = actions, d = width, k = words per action.
+# (A is the advantage, everywhere in this file.)
 # An observation arrives as (L,) token ids, <s> first (Tokenizer, above).
 # ---------------------------------------------------------------------------------------------
 
@@ -323,11 +326,11 @@ class Policy(nn.Module):
     def __init__(self, vocab_size: int, seq_len: int, action_tokens: np.ndarray, d: int, n_layers: int,
                  n_heads: int, with_classifier: bool, cls_design: str = "shared"):
         super().__init__()
-        self.cls_design = cls_design if with_classifier else None
+        self.with_classifier, self.cls_design = with_classifier, cls_design
         self.tok_emb, self.pos_emb = nn.Embedding(vocab_size, d), nn.Embedding(seq_len, d)
         self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d)
-        self.register_buffer("action_tokens", torch.as_tensor(action_tokens))  # (A, k)
+        self.register_buffer("action_tokens", torch.as_tensor(action_tokens))  # (n_act, k)
         self.act_emb = nn.Embedding(len(action_tokens), d)
         # phi(s, a) = gelu(W_s h + W_a u + W_m (h * u)): a one-layer MLP on [h; u; h*u], split so that
         # only the product term is computed per (state, action) pair
@@ -337,7 +340,7 @@ class Policy(nn.Module):
         self.cls_head = nn.Linear(d, 1) if with_classifier else None
         # the separate classifier's action token gets its own position vector, made last so that every
         # other parameter starts as in plain GRPO (as nn.Embedding, N(0, 1))
-        self.cls_pos = nn.Parameter(torch.randn(d)) if self.cls_design == "separate" else None
+        self.cls_pos = nn.Parameter(torch.randn(d)) if with_classifier and cls_design == "separate" else None
 
     def trunk(self, tokens, extra=None):  # (B, L) [, (B, d) one more input vector] -> (B, L [+1], d)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -351,21 +354,21 @@ class Policy(nn.Module):
     def state_embedding(self, tokens):  # (B, L) -> h (B, d): the <s> position summarises the observation
         return self.trunk(tokens)[:, 0]
 
-    def action_embedding(self):  # -> u (A, d): a per-action vector plus the mean of its words' vectors
-        words = self.action_tokens != 0  # (A, k)
+    def action_embedding(self):  # -> u (n_act, d): a per-action vector plus the mean of its words' vectors
+        words = self.action_tokens != 0  # (n_act, k)
         word_mean = (self.tok_emb(self.action_tokens) * words[..., None]).sum(1) / words.sum(1, keepdim=True)
         return self.act_emb.weight + word_mean
 
-    def pair_embedding(self, h):  # (B, d) -> phi (B, A, d)
-        u = self.action_embedding()                                                  # (A, d)
+    def pair_embedding(self, h):  # (B, d) -> phi (B, n_act, d)
+        u = self.action_embedding()                                                  # (n_act, d)
         return F.gelu(self.pair_s(h)[:, None] + self.pair_a(u)[None] + self.pair_m(h[:, None] * u[None]))
 
     def forward(self, tokens, action_mask):
-        """tokens (B, L), action_mask (B, A) bool -> logits (B, A), phi (B, A, d), and the shared
-        classifier's logits (B, A), or None without a shared classifier."""
+        """tokens (B, L), action_mask (B, n_act) bool -> logits (B, n_act), phi (B, n_act, d), and the shared
+        classifier's logits (B, n_act), or None without a shared classifier."""
         phi = self.pair_embedding(self.state_embedding(tokens))
-        logits = self.policy_head(phi).squeeze(-1).masked_fill(~action_mask, -1e9)  # (B, A)
-        cls = self.cls_head(phi).squeeze(-1) if self.cls_design == "shared" else None
+        logits = self.policy_head(phi).squeeze(-1).masked_fill(~action_mask, -1e9)  # (B, n_act)
+        cls = self.cls_head(phi).squeeze(-1) if self.with_classifier and self.cls_design == "shared" else None
         return logits, phi, cls
 
     def classify_separately(self, tokens, a):  # (B, L), (B,) -> (B,) c(s, a), the action as an input token
@@ -402,17 +405,6 @@ def classification_loss(cls_logit, y, labelled):
     """Mean BCE over labelled samples only. cls_logit, y (1 = bad), labelled (bool) are (B,)."""
     per_sample = F.binary_cross_entropy_with_logits(cls_logit, y.float(), reduction="none")
     return (per_sample * labelled).sum() / labelled.sum().clamp(min=1)  # no label, no signal; no host sync
-
-
-def cls_targets(source: str, A, flawed, step=None):
-    """(y, labelled), both (B,): 'advantage' calls an action bad when its step's A < 0 and leaves
-    A == 0 unlabelled; 'oracle' uses the env's flawed flag for every step; 'step' and 'loop' take the
-    labels that step_labels() or loop_labels() computed from the rollout."""
-    if source == "oracle":
-        return flawed.float(), torch.ones_like(flawed, dtype=torch.bool)
-    if source in ("step", "loop", "loop-repaired"):
-        return step
-    return (A < 0).float(), A != 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,31 +495,48 @@ def shaped_rewards(cfg: Config, batch) -> np.ndarray:
                                                               minlength=len(batch["reward"]))
 
 
-def step_signals(cfg: Config, batch, A_traj, device):
-    """The advantage of every step sample, A (S,), and for --cls-labels step or loop the labels
-    (y, labelled). grpo: each step gets its trajectory's advantage. gigpo: plus omega * A_S from the
-    step's anchor."""
-    A = A_traj[torch.as_tensor(batch["traj"], device=device)]           # (S,)
-    step = None
-    if cfg.cls_labels in ("loop", "loop-repaired") and cfg.cls_weight > 0:
-        y, labelled = loop_labels(batch["traj"], batch["key"], batch["next_key"], batch["success"],
-                                  close_bad=cfg.cls_labels == "loop")
-        step = (torch.as_tensor(y, device=device), torch.as_tensor(labelled, device=device))
-    want_labels = cfg.cls_labels == "step" and cfg.cls_weight > 0
-    if cfg.adv != "gigpo" and not want_labels:
-        return A, step
-    traj, G = batch["traj"], cfg.num_generations
+def step_returns(batch, gamma: float) -> np.ndarray:
+    """(S,) the return-to-go of every step sample, in the batch's order (returns_to_go per trajectory)."""
+    traj = batch["traj"]
     order = np.argsort(traj, kind="stable")  # the steps of each trajectory, in time order
     rtg = np.empty(len(order))
-    rtg[order] = returns_to_go(traj[order], batch["step_reward"][order], cfg.gamma)
-    keys = [t.tobytes() for t in batch["tokens"]]  # identical observation, identical key
-    if cfg.adv == "gigpo":
-        A_S = anchor_advantages(traj, keys, rtg, G, cfg.scale_rewards)
-        A = A + cfg.omega * torch.as_tensor(A_S, dtype=A.dtype, device=device)
-    if want_labels:
-        y, labelled = step_labels(traj, keys, rtg, G)
-        step = (torch.as_tensor(y, device=device), torch.as_tensor(labelled, device=device))
-    return A, step
+    rtg[order] = returns_to_go(traj[order], batch["step_reward"][order], gamma)
+    return rtg
+
+
+def observation_keys(batch) -> list[bytes]:
+    """(S,) one hashable key per step sample: identical observation, identical key (GiGPO's anchors)."""
+    return [t.tobytes() for t in batch["tokens"]]
+
+
+def step_advantages(cfg: Config, batch, A_traj, device):
+    """The advantage of every step sample, A (S,). grpo: each step gets its trajectory's advantage.
+    gigpo: plus omega * A_S from the step's anchor."""
+    A = A_traj[torch.as_tensor(batch["traj"], device=device)]           # (S,)
+    if cfg.adv != "gigpo":
+        return A
+    rtg = step_returns(batch, cfg.gamma)
+    A_S = anchor_advantages(batch["traj"], observation_keys(batch), rtg, cfg.num_generations, cfg.scale_rewards)
+    return A + cfg.omega * torch.as_tensor(A_S, dtype=A.dtype, device=device)
+
+
+def classifier_labels(cfg: Config, batch, A, device) -> tuple:
+    """The side stream's labels (y, labelled), both (S,), y = 1 calling a step's action bad, from the
+    source --cls-labels names: 'oracle', the env's flawed flag on every step; 'advantage', A < 0 bad and
+    A == 0 unlabelled; 'step', GiGPO's anchors (step_labels); 'loop' and 'loop-repaired', loops in what
+    the agent sees (loop_labels)."""
+    if cfg.cls_labels == "oracle":
+        flawed = torch.as_tensor(batch["flawed"], device=device)
+        return flawed.float(), torch.ones_like(flawed, dtype=torch.bool)
+    if cfg.cls_labels == "advantage":
+        return (A < 0).float(), A != 0
+    if cfg.cls_labels == "step":
+        y, labelled = step_labels(batch["traj"], observation_keys(batch), step_returns(batch, cfg.gamma),
+                                  cfg.num_generations)
+    else:
+        y, labelled = loop_labels(batch["traj"], batch["key"], batch["next_key"], batch["success"],
+                                  close_bad=cfg.cls_labels == "loop")
+    return torch.as_tensor(y, device=device), torch.as_tensor(labelled, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,7 +551,7 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
             keys=False):
     """Run one episode in every env (env i plays task tasks[i] with seed seeds[i]).
 
-    Returns a dict of step-sample arrays (S = total steps): tokens (S, L), mask (S, A) the policy's mask,
+    Returns a dict of step-sample arrays (S = total steps): tokens (S, L), mask (S, n_act) the policy's mask,
     action, logp, traj, flawed, admissible (did the env's own mask allow the action), and per-trajectory
     arrays (N,): reward, success, length, and the first episode's text. With use_mask=False the policy
     chooses among all actions (as an LLM agent does), whatever info["action_mask"] says. With keys=True,
@@ -558,17 +567,18 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
     view = [i.get("state_key", tok.encode(o).tobytes()) if keys else None for o, i in zip(obs, info)]
     done = np.zeros(N, dtype=bool)
     steps = {k: [] for k in ("tokens", "mask", "action", "logp", "traj", "flawed", "reward", "admissible",
-                             "key", "next_key")}
+                             "key", "next_key")}  # one entry per step sample, appended by name
+    has = {"flawed": False, "success": False, "action_mask": False}  # what the env's info ever gave
     reward, success, length = np.zeros(N), np.zeros(N, dtype=bool), np.zeros(N, dtype=np.int64)
     transcript = [str(obs[0])]
     while not done.all() and length.max() < max_len:
         live = np.flatnonzero(~done)                                         # (n,) envs still running
         x = np.stack([tok.encode(obs[i]) for i in live])                     # (n, L)
-        m = np.stack([masks[i] if use_mask else all_legal for i in live]).astype(bool)  # (n, A)
+        m = np.stack([masks[i] if use_mask else all_legal for i in live]).astype(bool)  # (n, n_act)
         xt, mt = torch.as_tensor(x, device=device), torch.as_tensor(m, device=device)
         chunks = zip(xt.split(FORWARD_CHUNK), mt.split(FORWARD_CHUNK))
         logits = torch.cat([policy(xc, mc)[0] for xc, mc in chunks])
-        logp_all = torch.log_softmax(logits, dim=-1)                         # (n, A)
+        logp_all = torch.log_softmax(logits, dim=-1)                         # (n, n_act)
         a = torch.multinomial(logp_all.exp(), 1, generator=gen).squeeze(1)  # (n,)
         logp = logp_all.gather(1, a[:, None]).squeeze(1)
         a, logp = a.cpu().numpy(), logp.cpu().numpy()                        # one sync per env step
@@ -578,8 +588,11 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
             flawed = bool(inf.get("flawed", False))
             after = inf.get("state_key", tok.encode(o).tobytes()) if keys else None
             allowed = bool(masks[i][act])  # the env's own verdict, whether or not the policy was masked
-            for k, v in zip(steps, (x[j], m[j], act, logp[j], i, flawed, r, allowed, view[i], after)):
+            sample = {"tokens": x[j], "mask": m[j], "action": act, "logp": logp[j], "traj": i, "flawed": flawed,
+                      "reward": r, "admissible": allowed, "key": view[i], "next_key": after}
+            for k, v in sample.items():
                 steps[k].append(v)
+            has = {k: seen or k in inf for k, seen in has.items()}
             if i == 0:
                 transcript.append(f"> {tok.action_names[act]}{'   [flawed]' if flawed else ''}\n{o}")
             obs[i], masks[i], view[i] = o, inf.get("action_mask", all_legal), after
@@ -590,7 +603,7 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
     batch = {k: np.asarray(v) for k, v in steps.items() if k not in ("key", "next_key")}
     batch["step_reward"] = batch.pop("reward")  # (S,) reward of each step; "reward" below is per trajectory
     batch.update(reward=reward, success=success, length=length, transcript="\n".join(transcript),
-                 has_oracle="flawed" in inf, has_success="success" in inf, has_mask="action_mask" in inf,
+                 has_oracle=has["flawed"], has_success=has["success"], has_mask=has["action_mask"],
                  key=steps["key"], next_key=steps["next_key"])
     return batch
 
@@ -606,7 +619,7 @@ CLIP_KEYS = ("cls_grad_norm", "cls_grad_clipped", "cls_pg_grad_ratio", "joint_cl
              "adam_pg_step_scale")  # clip_stats, adam_pg_step_scale
 
 
-def step_stats(t: dict, cfg: Config, m, logp_old, flawed, y) -> dict:
+def opt_step_stats(t: dict, cfg: Config, m, logp_old, flawed, y) -> dict:
     """What one optimizer step logs, as device tensors (no host sync inside the update loop)."""
     p = t["logp_all"].exp()
     s = {"pg_loss": t["pg_loss"].detach(), "kl": t["kl"].detach(), "cls_loss": t["cls_loss"].detach(),
@@ -648,7 +661,7 @@ def update_stats(logs: list[dict], cfg: Config, batch, policy, ref, labelled, n_
         for k in CLIP_KEYS:  # NaN marks a step where a ratio is undefined (its denominator was 0)
             v = torch.stack([s[k] for s in counted if k in s]).nanmean().item() if k in counted[0] else None
             out[k.replace("clipped", "clipped_frac")] = None if v is None or math.isnan(v) else v
-    if policy.cls_design == "shared":  # v and w, the two heads that read phi(s, a)
+    if policy.with_classifier and policy.cls_design == "shared":  # v and w, the two heads that read phi(s, a)
         out["cos_v_w"] = F.cosine_similarity(policy.cls_head.weight, policy.policy_head.weight).item()
     return out | {"cls_labelled_frac": labelled.float().mean().item() if labelled is not None else None,
                   "update_samples": n_informative * cfg.num_iterations, "opt_steps": len(logs)}
@@ -689,9 +702,9 @@ def shaping_steps(batch, G: int) -> np.ndarray:
 
 
 def policy_terms(policy, ref, cfg: Config, x, m, a, logp_old, A) -> dict:
-    """pg_loss and kl on a minibatch of b step samples: x (b, L), m (b, A), a, logp_old, A (b,)."""
+    """pg_loss and kl on a minibatch of b step samples: x (b, L), m (b, n_act), a, logp_old, A (b,)."""
     logits, _, _ = policy(x, m)
-    logp_all = torch.log_softmax(logits, dim=-1)                              # (b, A)
+    logp_all = torch.log_softmax(logits, dim=-1)                              # (b, n_act)
     logp = logp_all.gather(1, a[:, None]).squeeze(1)                          # (b,)
     kl = torch.zeros((), device=x.device)
     if ref is not None:
@@ -703,7 +716,7 @@ def policy_terms(policy, ref, cfg: Config, x, m, a, logp_old, A) -> dict:
 
 
 def classifier_verdict(policy, x, m, a):
-    """c(s, a) (b,), the classifier's logit that the taken action a is bad: x (b, L), m (b, A), a (b,)."""
+    """c(s, a) (b,), the classifier's logit that the taken action a is bad: x (b, L), m (b, n_act), a (b,)."""
     if policy.cls_design == "shared":
         return policy(x, m)[2].gather(1, a[:, None]).squeeze(1)
     return policy.classify_separately(x, a)
@@ -829,10 +842,10 @@ def adam_pg_step_scale(opt, params: list, g_pg: list, shared: list[int]):
     return ratio_or_nan(total_norm(mine), total_norm(alone)) if mine else None
 
 
-def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_gen=None,
+def grpo_update(policy, ref, opt, cfg: Config, batch, A, labels, gen, device, cls_gen=None,
                 label_gen=None) -> dict:
-    """num_iterations epochs of minibatch steps on the batch. A (S,) is each step sample's advantage,
-    step the step-level labels or None.
+    """num_iterations epochs of minibatch steps on the batch. A (S,) is each step sample's advantage;
+    labels the side stream's (y, labelled), classifier_labels(cfg, batch, A) when None.
 
     The policy-gradient stream takes the informative steps (informative_steps) in minibatches drawn
     with `gen`, exactly as plain GRPO does. Side streams, drawn with their own generator `cls_gen`, are
@@ -851,14 +864,18 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
     cls_gen = cls_gen or torch.Generator(device=device).manual_seed(cfg.seed + 1)
     shaped_idx = torch.as_tensor(shaping_steps(batch, cfg.num_generations) if cfg.shaping != "none"
                                  else np.zeros(0, dtype=np.int64), device=device)              # (S_shaped,)
-    if policy.cls_design:
-        y, labelled = cls_targets(cfg.cls_labels, A, flawed, step)
+    side, y, labelled, quality = policy.with_classifier, None, None, {}  # a side stream on labelled steps
+    if side:
+        y, labelled = labels if labels is not None else classifier_labels(cfg, batch, A, device)
         if cfg.cls_channel == "placebo":
             label_gen = label_gen or torch.Generator(device=device).manual_seed(cfg.seed + 2)
             y = placebo_labels(y, labelled, label_gen)
         cls_idx = torch.nonzero(labelled).squeeze(1)                                           # (S_cls,)
+        quality = label_quality(y, labelled, flawed) if batch["has_oracle"] else {}
+    if len(pg_idx) == 0:  # every outcome tied: nothing to learn, no step taken
+        return update_stats([], cfg, batch, policy, ref, labelled, n_informative=0) | quality
     logs = []
-    for _ in range(cfg.num_iterations if len(pg_idx) else 0):  # every outcome tied: nothing to learn
+    for _ in range(cfg.num_iterations):
         order = torch.randperm(len(pg_idx), device=device, generator=gen)
         pg_batches = pg_idx[order].split(cfg.minibatch_size)
         if len(shaped_idx):  # the shaped-only steps, in as many parts, join the policy-gradient minibatches
@@ -866,7 +883,7 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
             parts = shaped_idx[order].tensor_split(len(pg_batches))
             pg_batches = [torch.cat(p) for p in zip(pg_batches, parts)]
         cls_batches = [None] * len(pg_batches)
-        if policy.cls_design:  # the labelled steps, in as many shares as the policy stream has minibatches
+        if side:  # the labelled steps, in as many shares as the policy stream has minibatches
             order = torch.randperm(len(cls_idx), device=device, generator=cls_gen)
             cls_batches = cls_idx[order].tensor_split(len(pg_batches))
         for idx, jdx in zip(pg_batches, cls_batches):                      # (b,) and (b',) sample indices
@@ -886,14 +903,11 @@ def grpo_update(policy, ref, opt, cfg: Config, batch, A, step, gen, device, cls_
             for p, grad in zip(params, grads):  # clip(grad(pg_loss + beta * kl)) + clip(grad(w * cls_loss))
                 p.grad = grad
             opt.step()
-            if policy.cls_design:  # every step: the shadow second moment keeps pace with Adam's own
+            if side:  # every step: the shadow second moment keeps pace with Adam's own
                 t["adam_pg_step_scale"] = adam_pg_step_scale(opt, params, g_pg_clipped, shared)
-            logs.append(step_stats(t, cfg, m[idx], logp_old[idx], *(
-                (flawed[jdx], y[jdx]) if t.get("side") else (None, None))))
-    n_pg = len(pg_idx) + len(shaped_idx) if len(pg_idx) else 0
-    quality = label_quality(y, labelled, flawed) if policy.cls_design and batch["has_oracle"] else {}
-    stats = update_stats(logs, cfg, batch, policy, ref, labelled if policy.cls_design else None, n_pg)
-    return stats | quality
+            side_flawed, side_y = (flawed[jdx], y[jdx]) if t.get("side") else (None, None)
+            logs.append(opt_step_stats(t, cfg, m[idx], logp_old[idx], side_flawed, side_y))
+    return update_stats(logs, cfg, batch, policy, ref, labelled, len(pg_idx) + len(shaped_idx)) | quality
 
 
 # ---------------------------------------------------------------------------------------------
@@ -912,13 +926,13 @@ def probe_diagnostics(policy, tok, probes, device, use_mask=True) -> dict:
         for key in ("good", "flawed"):
             x = torch.as_tensor(tok.encode(p[f"obs_{key}"]), device=device)[None]        # (1, L)
             mask = p[f"mask_{key}"] if use_mask else np.ones_like(p[f"mask_{key}"])
-            m = torch.as_tensor(mask.astype(bool), device=device)[None]                  # (1, A)
+            m = torch.as_tensor(mask.astype(bool), device=device)[None]                  # (1, n_act)
             logits, phi, _ = policy(x, m)
             logp = torch.log_softmax(logits, dim=-1)[0, p["action"]]
             grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(logp, params)]))
             phis.append(phi[0, p["action"]].detach())
         flawed_prob.append(logp.exp().item())
-        pi = torch.softmax(logits[0], -1).tolist()                          # (A,) at the flawed twin
+        pi = torch.softmax(logits[0], -1).tolist()                          # (n_act,) at the flawed twin
         action_probs.append([round(v, 5) for v in pi])
         others = [b for b in np.flatnonzero(p.get("flawed_at_twin", [])) if b != p["action"]]
         control_prob.append(float(np.mean([pi[b] for b in others])) if others else None)
@@ -940,16 +954,16 @@ def pair_diagnostics(policy, tok, pairs: list, device, use_mask=True, with_grads
     obs = [p[k] for p in pairs for k in ("obs_good", "obs_flawed")]
     x = torch.as_tensor(np.stack([tok.encode(o) for o in obs]), device=device)            # (2P, L)
     masks = np.stack([p[k] for p in pairs for k in ("mask_good", "mask_flawed")]).astype(bool)
-    m = torch.as_tensor(masks if use_mask else np.ones_like(masks), device=device)        # (2P, A)
+    m = torch.as_tensor(masks if use_mask else np.ones_like(masks), device=device)        # (2P, n_act)
     a = torch.as_tensor([p["action"] for p in pairs], device=device)                     # (P,)
     with torch.no_grad():
         out = [policy(xc, mc) for xc, mc in zip(x.split(FORWARD_CHUNK), m.split(FORWARD_CHUNK))]
         pi = torch.softmax(torch.cat([o[0] for o in out]), -1).view(len(pairs), 2, -1)   # (P, 2, A)
-        phi = torch.cat([o[1] for o in out])                                              # (2P, A, d)
+        phi = torch.cat([o[1] for o in out])                                              # (2P, n_act, d)
         phi = phi.view(len(pairs), 2, *phi.shape[1:])                                     # (P, 2, A, d)
     rows = torch.arange(len(pairs), device=device)
     others = torch.as_tensor(np.stack([p["flawed_at_twin"] for p in pairs]), device=device).clone()
-    others[rows, a] = False                                                               # (P, A)
+    others[rows, a] = False                                                               # (P, n_act)
     control = (pi[:, 1] * others).sum(1) / others.sum(1).clamp(min=1)
     sig = lambda t: [float(f"{v:.6g}") for v in t.tolist()]  # noqa: E731  (tail probabilities keep digits)
     row = {"pair_good_probs": sig(pi[rows, 0, a]), "pair_flawed_probs": sig(pi[rows, 1, a]),
@@ -1363,7 +1377,7 @@ def plot_probe_heatmap(metrics: list[dict], out: str, plt):
     n_probes = len(rows[0]["probe_action_probs"])
     fig, axes = plt.subplots(1, n_probes, figsize=(3.6 * n_probes, 3.4), squeeze=False)
     for k, ax in enumerate(axes[0]):
-        grid = np.array([m["probe_action_probs"][k] for m in rows]).T  # (A, iterations)
+        grid = np.array([m["probe_action_probs"][k] for m in rows]).T  # (n_act, iterations)
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
                        extent=(rows[0]["iter"] - 0.5, rows[-1]["iter"] + 0.5, grid.shape[0] - 0.5, -0.5))
         ax.set_title(f"probe {k}: pi(. | flawed twin)", fontsize=9)
@@ -1553,16 +1567,18 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
                 batch = rollout(policy, train_envs, tok, *group_instances(cfg, rng), gen, device,
                                 use_mask=cfg.action_mask == "env",
                                 keys=cfg.cls_labels.startswith("loop") or cfg.shaping == "loop")
-            # 2. advantages: one reward per trajectory (outcome, or shaped), for every one of its steps
+            # 2. advantages: one reward per trajectory (outcome, or shaped), for every one of its steps;
+            #    and the side stream's labels, one per step
             batch["shaped_reward"] = shaped_rewards(cfg, batch)  # (K*G,) the outcome reward, unless --shaping
             R = torch.as_tensor(batch["shaped_reward"], dtype=torch.float32, device=device).view(K, G)
             A_traj = group_advantages(R, cfg.scale_rewards).view(-1)                              # (K*G,)
-            A, step = step_signals(cfg, batch, A_traj, device)                                    # (S,)
+            A = step_advantages(cfg, batch, A_traj, device)                                       # (S,)
+            labels = classifier_labels(cfg, batch, A, device) if cfg.cls_weight > 0 else None   # (y, labelled)
             # 3. update, at a learning rate annealed linearly to 0 over the run
             for group in run.opt.param_groups:
                 group["lr"] = cfg.lr * (1 - (it - 1) / cfg.iters if cfg.anneal_lr else 1)
             with log.timer("update"):
-                stats = grpo_update(policy, run.ref, run.opt, cfg, batch, A, step, gen, device, run.cls_gen,
+                stats = grpo_update(policy, run.ref, run.opt, cfg, batch, A, labels, gen, device, run.cls_gen,
                                     run.label_gen)
             check_finite(stats, it, cfg)  # a NaN stops the run here; the last checkpoint stays as it was
             # 4. evaluation every eval_every iterations; between them, the twin probes every diag_every

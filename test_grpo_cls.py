@@ -142,9 +142,10 @@ def test_clip_to_norm_scales_to_max_norm_above_it_and_leaves_gradients_alone_bel
 def test_advantage_labels_call_negative_advantage_bad_and_leave_ties_unlabelled():
     A = torch.tensor([0.7, -0.3, 0.0])
     flawed = torch.tensor([True, False, True])
-    y, labelled = g.cls_targets("advantage", A, flawed)
+    batch, cpu = {"flawed": flawed.numpy()}, torch.device("cpu")
+    y, labelled = g.classifier_labels(tiny(out="unused", cls_labels="advantage"), batch, A, cpu)
     assert y.tolist() == [0.0, 1.0, 0.0] and labelled.tolist() == [True, True, False]
-    y, labelled = g.cls_targets("oracle", A, flawed)
+    y, labelled = g.classifier_labels(tiny(out="unused", cls_labels="oracle"), batch, A, cpu)
     assert y.tolist() == [1.0, 0.0, 1.0] and labelled.all()
 
 
@@ -835,11 +836,10 @@ def test_gigpo_adds_omega_times_the_step_advantage_to_the_trajectory_advantage()
     batch = {"traj": np.array([0, 0, 1]), "step_reward": np.array([0.0, 1.0, 0.0]),
              "tokens": np.array([[1, 2], [1, 3], [1, 2]])}  # steps 0 and 2 share an observation
     A_traj = torch.tensor([1.0, -1.0])
-    A, step = g.step_signals(cfg, batch, A_traj, torch.device("cpu"))
+    A = g.step_advantages(cfg, batch, A_traj, torch.device("cpu"))
     A_S = (1.0 - 0.5) / (np.std([1.0, 0.0], ddof=1) + 1e-4)  # rtg 1 and 0 at the shared state
-    assert step is None
     assert torch.allclose(A, torch.tensor([1.0 + 0.5 * A_S, 1.0, -1.0 - 0.5 * A_S], dtype=A.dtype))
-    plain, _ = g.step_signals(tiny(out="unused"), batch, A_traj, torch.device("cpu"))
+    plain = g.step_advantages(tiny(out="unused"), batch, A_traj, torch.device("cpu"))
     assert plain.tolist() == [1.0, 1.0, -1.0]
 
 
@@ -949,7 +949,7 @@ def random_grid_batch(cfg):
     device, tok, policy, gen, rng = g.build(cfg)
     batch = g.rollout(policy, g.make_envs(cfg, 64), tok, np.repeat(np.arange(8), 8), np.arange(64), gen, device)
     R = torch.as_tensor(batch["reward"], dtype=torch.float32).view(8, 8)
-    return batch, g.step_signals(cfg, batch, g.group_advantages(R).view(-1), device)[0]
+    return batch, g.step_advantages(cfg, batch, g.group_advantages(R).view(-1), device)
 
 
 def test_each_stream_is_clipped_on_its_own_so_a_large_classifier_gradient_never_shrinks_the_policy_step():
@@ -1034,7 +1034,7 @@ def test_the_classifier_stream_runs_in_pieces_of_at_most_a_minibatch_with_the_lo
     batch, A = random_grid_batch(cfg)
     device, tok, policy, gen, rng = g.build(cfg)
     x, m, a = (torch.as_tensor(batch[k]) for k in ("tokens", "mask", "action"))
-    y, labelled = g.cls_targets("oracle", A, torch.as_tensor(batch["flawed"]))
+    y, labelled = g.classifier_labels(cfg, batch, A, torch.device("cpu"))  # oracle labels
     jdx = torch.arange(150)
     params = list(policy.parameters())
     sizes, real = [], g.classifier_verdict
@@ -1058,8 +1058,8 @@ def test_fair_update_gigpo_changes_the_advantages_but_not_the_samples_or_the_ste
     device, tok, policy, gen, rng = g.build(cfg)
     batch = g.rollout(policy, g.make_envs(cfg, 16), tok, np.repeat([3, 4, 5, 6], 4), np.arange(16), gen, device)
     A_traj = g.group_advantages(torch.as_tensor(batch["reward"], dtype=torch.float32).view(4, 4)).view(-1)
-    A_grpo, _ = g.step_signals(cfg, batch, A_traj, device)
-    A_gigpo, _ = g.step_signals(tiny(out="unused", adv="gigpo"), batch, A_traj, device)
+    A_grpo = g.step_advantages(cfg, batch, A_traj, device)
+    A_gigpo = g.step_advantages(tiny(out="unused", adv="gigpo"), batch, A_traj, device)
     assert not torch.equal(A_grpo, A_gigpo)  # the random grid policy revisits states: anchors exist
     out = {}
     for name, A in (("grpo", A_grpo), ("gigpo", A_gigpo)):
@@ -1130,8 +1130,8 @@ def test_every_label_source_labels_a_real_batch_with_both_verdicts(env, source):
     device = torch.device("cpu")
     R = torch.as_tensor(batch["reward"], dtype=torch.float32).view(16, 8)
     cfg = dataclasses.replace(cfg, cls_labels=source)
-    A, step = g.step_signals(cfg, batch, g.group_advantages(R).view(-1), device)
-    y, labelled = g.cls_targets(source, A, torch.as_tensor(batch["flawed"]), step)
+    A = g.step_advantages(cfg, batch, g.group_advantages(R).view(-1), device)
+    y, labelled = g.classifier_labels(cfg, batch, A, device)
     assert 0 < labelled.float().mean() <= 1
     assert 0 < y[labelled].mean() < 1, y[labelled].mean()
 

@@ -18,7 +18,8 @@ All of them carry the same contract, which grpo_cls.py relies on:
   - `vocab` and `action_names` declare every token the observations and actions can contain, so a
     tokenizer never has to learn its vocabulary from data seen at run time.
   - `twin_probes()` returns pairs of observations that differ in at most two tokens, where one action
-    is good in the first and flawed in the second: the states where gradient coupling shows. Each
+    is good in the first and flawed in the second: the states where gradient coupling shows (LavaGrid and
+    Kitchen; the MiniGrid rooms have none, and their sampled pairs are up to four words apart). Each
     probe's `flawed_at_twin` (A,) marks every admissible action the oracle calls flawed at the second
     state: the other flawed actions there are the within-run control for coupling.
   - `twin_pairs(n, seed)` samples n such pairs, with the same keys, from states a noisy scripted agent

@@ -13,10 +13,16 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
 	touch $(STAMP)
 
+# MiniGrid is an optional extra: the MiniGrid rooms need it, the rest of the project does not
+MINIGRID := minigrid==3.2.0
+$(VENV)/.minigrid: $(STAMP)
+	$(VENV)/bin/pip install --disable-pip-version-check -q $(MINIGRID)
+	touch $(VENV)/.minigrid
+
 run: $(STAMP)  ## the main job: GRPO + classifier on the text task
 	$(PY) grpo_cls.py --cls-weight 0.5 --overwrite
 
-test: $(STAMP)  ## the whole test suite, on two single-thread workers (every test trains with one thread)
+test: $(STAMP) $(VENV)/.minigrid  ## the whole test suite, MiniGrid's included, on two single-thread workers
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 test_grpo_cls.py
 
 figures: run  ## refresh the README's figures from the main run

@@ -67,9 +67,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import envs  # noqa: F401  (registers grpo_cls/LavaGrid-v0 and grpo_cls/Kitchen-v0)
+import envs  # registers grpo_cls/LavaGrid-v0, grpo_cls/Kitchen-v0 and the MiniGrid rooms
 
-ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0"}
+ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0",  # MiniGrid rooms, with an oracle:
+               **{name: f"grpo_cls/{name}" for name in envs.MINIGRID_ROOMS}}  # pip install minigrid==3.2.0
 CLS_LABELS = ("advantage", "oracle", "step", "loop", "loop-repaired")
 CLS_DESIGNS = ("shared", "separate")
 CLS_CHANNELS = ("head", "placebo", "policy")
@@ -94,7 +95,9 @@ def arg(default, help: str, choices=None):
 
 @dataclass
 class Config:
-    env: str = arg("text", "task: 'grid', 'text', or any registered gymnasium id")
+    env: str = arg("text", "task: 'grid', 'text', a MiniGrid room with an oracle (MiniGrid-Empty-5x5-v0, "
+                   "MiniGrid-LavaGapS5-v0, MiniGrid-DoorKey-5x5-v0; pip install minigrid==3.2.0), or any "
+                   "registered gymnasium id")
     env_kwargs: str = arg("{}", "JSON object of keyword arguments for gymnasium.make")
     seed: int = arg(1, "seed for torch, task sampling, env noise and action sampling")
     iters: int = arg(45, "GRPO iterations (rollout + update)")

@@ -171,6 +171,9 @@ def main(argv=None):
             sys.exit(f"repaired.py: interrupted; {args.store} keeps every finished run, and the same command "
                      f"skips them")
     runs, iters = cp.load_store(args.store, ARMS_OF, args.seeds, arm_overrides)
+    if iters < ch.ENDPOINT_FROM:
+        sys.exit(f"repaired.py: the endpoint is the mean over iterations {ch.ENDPOINT_FROM}-{iters}; the stored runs have "
+                 f"only {iters} iterations")
     missing = [(t, a, s) for t in ARMS_OF for a in ARMS for s in args.seeds if (t, a, s) not in runs]
     block = report(runs, args.seeds, missing, iters)
     os.makedirs(args.out, exist_ok=True)

@@ -1,12 +1,13 @@
 # The two commands are `make run` and `make test`; `make bench`, `make claims`, `make optimizer`,
 # `make compare`, the `make matrix*` targets, `make coupling`, `make channels`, `make repaired`,
-# `make reference` and `make figures` make the README's numbers. Each target creates .venv from requirements.txt when needed.
+# `make minigrid-solve`, `make minigrid`, `make reference` and `make figures` make the README's numbers.
+# Each target creates .venv from requirements.txt when needed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired explain reference clean
+.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid explain reference clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +79,12 @@ channels: $(STAMP)  ## what carries the cure (results/PROTOCOL.md): classifier, 
 
 repaired: $(STAMP)  ## the repaired loop labels (results/PROTOCOL.md): classifier and policy channel, three tasks
 	$(PY) repaired.py
+
+minigrid-solve: $(VENV)/.minigrid  ## does GRPO train the MiniGrid rooms? seed 1, 6 runs (results/minigrid-solve.md)
+	$(PY) replicate.py --solve
+
+minigrid: $(VENV)/.minigrid  ## the MiniGrid replication of the dose-response (results/PROTOCOL.md): 40 runs
+	$(PY) replicate.py
 
 REF := runs/reference-text-plain-seed1
 reference: $(STAMP)  ## the stored plain-GRPO run that make run is set beside (results/reference, vs_plain.png)

@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid explain reference clean
+.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid tables explain reference clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,10 @@ minigrid-solve: $(VENV)/.minigrid  ## does GRPO train the MiniGrid rooms? seed 1
 
 minigrid: $(VENV)/.minigrid  ## the MiniGrid replication of the dose-response (results/PROTOCOL.md): 40 runs
 	$(PY) replicate.py
+
+tables: $(STAMP)  ## every table and figure of the findings, from the stored runs in results/runs/ (no training)
+	$(PY) coupling.py --tables
+	$(PY) channels.py --tables
 
 REF := runs/reference-text-plain-seed1
 reference: $(STAMP)  ## the stored plain-GRPO run that make run is set beside (results/reference, vs_plain.png)

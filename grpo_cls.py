@@ -1674,13 +1674,17 @@ def print_summary(s: dict, cfg: Config):
     print(f"  flawed rate   in-domain {f(s['initial_flawed_rate'])} -> {f(s['flawed_rate'])}   "
           f"held-out {f(s['ood_flawed_rate'])}")
     print(f"  eval return   {f(s['initial_eval_return'])} -> {f(s['eval_return'])}")
-    print(f"  twin probes   pi(flawed) {f(s['probe_flawed_prob'])}   grad cos {f(s['grad_cos_twin'])}   "
-          f"embed cos {f(s['embed_cos_good_bad'])}")
-    if s.get("baseline"):
-        print(f"  plain GRPO    flawed rate {f(s['baseline_flawed_rate'])}   pi(flawed) at the twins "
-              f"{f(s['baseline_probe_flawed_prob'])}   success {f(s['baseline_success_rate'])}")
-        print(f"                (the stored run {os.path.relpath(s['baseline'])}, from the same cold start; "
-              f"vs_plain.png)")
+    probes = (("pi(flawed) at the twin probes", "probe_flawed_prob"), ("grad cos of the twins", "grad_cos_twin"),
+              ("embed cos of the twins", "embed_cos_good_bad"))
+    if not s.get("baseline"):
+        print("  " + "   ".join(f"{name} {f(s[k])}" for name, k in probes))
+    else:  # the same measures, at the same iteration, in the stored plain-GRPO run from the same cold start
+        print(f"  beside plain GRPO from the same cold start (the stored run {os.path.relpath(s['baseline'])}; "
+              f"vs_plain.png), last evaluation:")
+        print(f"  {'':32}{'this run':>10}{'plain GRPO':>12}")
+        for name, k in (("flawed rate, in-domain", "flawed_rate"), ("success, in-domain", "success_rate"),
+                        ("success, held-out", "ood_success_rate")) + probes:
+            print(f"  {name:32}{f(s[k]):>10}{f(s['baseline_' + k]):>12}")
     print(f"  run folder    {cfg.out}  (curves.png, coupling.png, metrics.jsonl, episode_*.txt)")
 
 def main(argv=None):

@@ -1271,6 +1271,18 @@ def test_train_gives_grpo_the_shaped_reward_so_groups_whose_outcomes_tie_get_an_
     assert len(tied) and (A[tied] != 0).any()  # plain GRPO gives these steps A = 0
 
 
+def test_the_summary_sets_each_measure_beside_plain_grpos_including_the_twins_cosines(capsys):
+    keys = ("success_rate", "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
+            "grad_cos_twin", "embed_cos_good_bad", "eval_return")
+    s = {"iters": 45, "env_steps": 1000, "wall_s": 60.0, "baseline": "results/reference/text-plain-seed1"}
+    s |= {f"initial_{k}": 0.5 for k in ("success_rate", "ood_success_rate", "flawed_rate", "eval_return")}
+    s |= {k: 0.1 + i / 100 for i, k in enumerate(keys)} | {f"baseline_{k}": 0.6 + i / 100 for i, k in enumerate(keys)}
+    g.print_summary(s, tiny(out="unused", cls_weight=0.5))
+    rows = {line[:34].strip(): line[34:].split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["grad cos of the twins"] == ["0.150", "0.650"] and rows["embed cos of the twins"] == ["0.160", "0.660"]
+    assert rows["flawed rate, in-domain"] == ["0.120", "0.620"]
+
+
 def test_a_classifier_run_is_set_beside_a_stored_plain_run_from_the_same_cold_start(tmp_path, capsys):
     """--baseline: the summary carries the plain run's final numbers and vs_plain.png is drawn, only when
     the stored run is this config but for the classifier, and shares its iteration 0."""

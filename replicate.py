@@ -156,7 +156,7 @@ def main(argv=None):
     runs, iters = cp.load_store(args.store, ARMS_OF, args.seeds, cp.arm_overrides)
     stats, missing = cp.seed_table(runs, args.seeds, ARMS_OF)
     block = cp.report(stats, args.seeds, missing, cp.cpu_minutes(runs), iters, args.store, ARMS_OF, PRIMARY,
-                      "replicate.py", "minigrid", "the MiniGrid replication") + "\n".join(endpoint_lines(runs, args.seeds))
+                      "replicate.py", "minigrid", "the MiniGrid replication") + "\n" + "\n".join(endpoint_lines(runs, args.seeds))
     with open(os.path.join(args.out, "minigrid.md"), "w") as f:
         f.write("# MiniGrid: the dose-response of coupling, replicated\n\n" + block + "\n")
     cp.plot_dose(runs, args.seeds, os.path.join(args.out, "minigrid_dose_response.png"), tuple(ARMS_OF))

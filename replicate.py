@@ -119,7 +119,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MiniGrid: does GRPO train the rooms (--solve), and does coupling's "
                                 "dose-response replicate (results/PROTOCOL.md, make minigrid)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cp.add_matrix_args(p, SEEDS, "minigrid.md and its figure", None)
+    cp.add_matrix_args(p, SEEDS, "minigrid.md and its figure", "docs/minigrid.md")
     p.set_defaults(store=STORE, runs="runs/minigrid")
     p.add_argument("--solve", action="store_true", help="the solve check instead: three rooms, seed 1, "
                    "evaluated every 10 iterations (results/minigrid-solve.md)")
@@ -149,6 +149,8 @@ def main(argv=None):
         with open(os.path.join(args.out, "minigrid-solve.md"), "w") as f:
             f.write("# MiniGrid: does GRPO train the rooms?\n\n" + block + "\n")
         plot_solve(runs, os.path.join(args.out, "minigrid_solve.png"))
+        if not args.no_doc:
+            c.update_doc(block, marker="minigrid-solve", path="docs/minigrid.md", writer="replicate.py --solve")
         print(block)
         return
     if not args.tables:
@@ -160,6 +162,9 @@ def main(argv=None):
     with open(os.path.join(args.out, "minigrid.md"), "w") as f:
         f.write("# MiniGrid: the dose-response of coupling, replicated\n\n" + block + "\n")
     cp.plot_dose(runs, args.seeds, os.path.join(args.out, "minigrid_dose_response.png"), tuple(ARMS_OF))
+    if not args.no_doc:
+        short = block.split("\n### lavagap")[0] + "\n\nEvery table: [results/minigrid.md](../results/minigrid.md)."
+        c.update_doc(short, marker="minigrid", path="docs/minigrid.md", writer="replicate.py")
     print(block)
 
 

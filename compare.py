@@ -73,8 +73,9 @@ METRICS = [  # (key, column title, digits)
 def arm_config(task: str, seed: int, overrides: dict, iters: int, out: str):
     """The default config but for the arm, the length, one thread, and one evaluation, at the end (the
     evaluations never touch the training's random streams, so this changes no training step)."""
-    return g.Config(**TASKS[task], seed=seed, iters=iters, eval_every=iters, threads=1, quiet=True,
-                    overwrite=True, no_plots=True, out=out, **overrides)
+    fields = TASKS[task] | {"seed": seed, "iters": iters, "eval_every": iters, "threads": 1, "quiet": True,
+                            "overwrite": True, "no_plots": True, "out": out}
+    return g.Config(**(fields | overrides))  # an arm's overrides come last (replicate.py's evaluation every 10)
 
 
 def cold_start_checkpoint(cfg) -> None:
@@ -558,7 +559,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="1-5", help="seeds of every cell, as '1-5' or '9101-9108,9120'; "
                    "1-5 are the development seeds, verdicts come from fresh ones (results/PROTOCOL.md)")
     p.add_argument("--coupling-seeds", default="", help="more seeds that run plain GRPO only, for claim 3b")
-    p.add_argument("--tasks", default="text,grid", help=f"tasks of stage 1, from {', '.join(TASKS)}")
+    p.add_argument("--tasks", default="text,grid", help="tasks of stage 1, from text, grid, text-nomask")
     p.add_argument("--arms", default=DEFAULT_ARMS, help=f"arms of stage 1, 'plain' first, from {', '.join(ARMS)}")
     p.add_argument("--stage2-tasks", default="text", help="tasks of the weight sweep and the design ablation")
     p.add_argument("--no-stage2", action="store_true", help="run stage 1 only (a later call adds stage 2, reusing it)")
@@ -578,8 +579,10 @@ def parse_args(argv=None):
     if args.recheck:
         return args
     args.arms = args.arms.split(",")
-    if args.arms[0] != "plain" or not set(args.arms) <= set(ARMS) or not set(args.tasks.split(",")) <= set(TASKS):
-        p.error(f"--arms must start with plain and come from {', '.join(ARMS)}; --tasks from {', '.join(TASKS)}")
+    tasks = [t for t in TASKS if TASKS[t]["env"] in ("text", "grid")]  # the tasks with twin probes
+    if args.arms[0] != "plain" or not set(args.arms) <= set(ARMS) or not set(args.tasks.split(",")) <= set(tasks):
+        p.error(f"--arms must start with plain and come from {', '.join(ARMS)}; --tasks from {', '.join(tasks)} "
+                f"(the MiniGrid rooms have no twin probes: replicate.py)")
     if not set(args.stage2_tasks.split(",")) <= set(args.tasks.split(",")):
         p.error("every --stage2-tasks entry must also be in --tasks (stage 2 picks its labels from stage 1)")
     try:

@@ -1584,12 +1584,13 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
                 stats = grpo_update(policy, run.ref, run.opt, cfg, batch, A, labels, gen, device, run.cls_gen,
                                     run.label_gen)
             check_finite(stats, it, cfg)  # a NaN stops the run here; the last checkpoint stays as it was
-            # 4. evaluation every eval_every iterations; between them, the twin probes every diag_every
+            # 4. evaluation every eval_every iterations; between them, the twin probes and pairs every diag_every
             if it % cfg.eval_every == 0 or it == cfg.iters:
                 stats |= evaluation(policy, it)
-            elif evaluation.probes and it % cfg.diag_every == 0:
-                with log.timer("diag"):
-                    stats |= probe_diagnostics(policy, tok, evaluation.probes, device, evaluation.use_mask)
+            elif (evaluation.probes or evaluation.pairs) and it % cfg.diag_every == 0:
+                with log.timer("diag"):  # forward passes only: no random stream is touched
+                    if evaluation.probes:
+                        stats |= probe_diagnostics(policy, tok, evaluation.probes, device, evaluation.use_mask)
                     if evaluation.pairs:
                         stats |= pair_diagnostics(policy, tok, evaluation.pairs, device, evaluation.use_mask)
             # 5. log, and checkpoint at each evaluation and on Ctrl-C

@@ -2000,10 +2000,45 @@ def test_a_minigrid_room_trains_end_to_end_with_the_oracle_classifier_and_its_tw
     """--env MiniGrid-LavaGapS5-v0 names the room with an oracle: a short run trains the classifier on the
     oracle's labels (which agree with the oracle exactly), logs the flawed rate, the held-out room and the
     sampled twin pairs."""
-    cfg = tiny(out=str(tmp_path), env="MiniGrid-LavaGapS5-v0", cls_weight=0.5, quiet=True)
+    cfg = tiny(out=str(tmp_path), env="MiniGrid-LavaGapS5-v0", cls_weight=0.5, quiet=True, iters=3, eval_every=3,
+               diag_every=1)
     assert cfg.env == "grpo_cls/MiniGrid-LavaGapS5-v0"
     g.train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert all(r["train_flawed_rate"] is not None and r["label_agree"] == 1.0 for r in rows[1:])
     assert rows[-1]["ood_success_rate"] is not None and rows[-1]["flawed_rate"] is not None
-    assert len(rows[-1]["pair_flawed_probs"]) == 4  # tiny()'s four sampled twin pairs
+    # the rooms have no hand-built probes, yet their sampled pairs are read every diag_every iterations
+    assert [len(r["pair_flawed_probs"] or []) for r in rows] == [4, 4, 4, 4]  # tiny()'s four pairs
+
+
+def every_matrix_cell(module, arms_of: dict, overrides, seeds) -> dict:
+    """(task, arm, seed) -> the Config a stored-run matrix trains, built as its workers build it."""
+    return {(t, a, s): compare.arm_config(t, s, overrides(t, a, s), 60, "unused")
+            for t, arms in arms_of.items() for a in arms for s in seeds}
+
+
+def test_the_repaired_label_matrix_trains_the_arms_its_protocol_names():
+    import repaired
+    cells = every_matrix_cell(repaired, repaired.ARMS_OF, repaired.arm_overrides, [8201])
+    for task in ("text", "grid", "text-nomask"):
+        plain, head, policy = (cells[(task, a, 8201)] for a in repaired.ARMS)
+        assert plain.cls_weight == 0 and plain.twin_pairs == 128 and plain.iters == 60
+        assert (head.cls_labels, head.cls_weight, head.cls_channel) == ("loop-repaired", 0.5, "head")
+        assert (policy.cls_labels, policy.cls_weight, policy.cls_channel) == ("loop-repaired", repaired.LAMBDA[task],
+                                                                                "policy")
+        assert (head.action_mask == "none") == (task == "text-nomask")
+    assert sorted(repaired.CONTRASTS.values()) == sorted((t, "cls-loop-repaired", b) for t in repaired.ARMS_OF
+                                                         for b in ("plain", "policy-loop-repaired"))
+
+
+@needs_minigrid
+def test_the_minigrid_solve_check_and_replication_train_the_arms_their_protocol_names():
+    import replicate
+    solve = every_matrix_cell(replicate, replicate.SOLVE_OF, replicate.solve_overrides, [replicate.SOLVE_SEED])
+    assert {cfg.env for cfg in solve.values()} == {f"grpo_cls/{name}" for name in envs.MINIGRID_ROOMS}
+    assert all(cfg.eval_every == 10 and cfg.iters == 60 for cfg in solve.values())
+    cells = every_matrix_cell(replicate, replicate.ARMS_OF, coupling.arm_overrides, [8301])
+    assert {(t, cfg.cls_weight, cfg.cls_labels) for (t, _, _), cfg in cells.items()} == {
+        (t, w, "oracle") for t in ("lavagap", "doorkey") for w in (0.0, 0.5)}
+    assert all(cfg.eval_every == 60 and cfg.twin_pairs == 128 for cfg in cells.values())
+

@@ -1699,9 +1699,10 @@ def module_level_forward_references(path: str) -> list[tuple[str, str]]:
         targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
             getattr(node, "targets", [getattr(node, "target", None)])
         for t in targets:
-            name = getattr(t, "name", getattr(t, "id", None))
-            if name:
-                first_line.setdefault(name, node.lineno)
+            for bound in getattr(t, "elts", [t]):  # A, B = ... binds both
+                name = getattr(bound, "name", getattr(bound, "id", None))
+                if name:
+                    first_line.setdefault(name, node.lineno)
     hints = set()
     for node in ast.walk(tree):
         annotations = [getattr(node, "annotation", None), getattr(node, "returns", None)]
@@ -1717,9 +1718,9 @@ def test_the_code_reads_top_to_bottom_no_name_is_used_above_its_definition(tmp_p
     """A student reads grpo_cls.py from the top and never needs a name defined further down."""
     assert module_level_forward_references(os.path.join(HERE, "grpo_cls.py")) == []
     later = tmp_path / "later.py"  # the check itself bites: a use above the definition is found
-    later.write_text("def first():\n    return second()\n\n\ndef second(x: 'Hint') -> int:\n    return 1\n\n\n"
-                     "class Hint:\n    pass\n")
-    assert module_level_forward_references(str(later)) == [("first", "second")]
+    later.write_text("def first():\n    return second() + LATE\n\n\ndef second(x: 'Hint') -> int:\n    return 1\n\n\n"
+                     "class Hint:\n    pass\n\n\nEARLY, LATE = 1, 2\n")
+    assert module_level_forward_references(str(later)) == [("first", "LATE"), ("first", "second")]
 
 
 def test_no_function_in_any_file_is_longer_than_80_lines():

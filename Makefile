@@ -89,6 +89,7 @@ minigrid: $(VENV)/.minigrid  ## the MiniGrid replication of the dose-response (r
 tables: $(STAMP)  ## every table and figure of the findings, from the stored runs in results/runs/ (no training)
 	$(PY) coupling.py --tables
 	$(PY) channels.py --tables
+	$(PY) repaired.py --tables
 
 REF := runs/reference-text-plain-seed1
 reference: $(STAMP)  ## the stored plain-GRPO run that make run is set beside (results/reference, vs_plain.png)

@@ -187,7 +187,7 @@ def main(argv=None):
         f.write("# Loop labels an agent has, repaired: through the classifier and through the policy\n\n"
                 + block + "\n")
     if not args.no_doc:
-        c.update_doc(block.split("\n### text")[0] + "\n\nEvery table: [results/repaired.md](../results/repaired.md).",
+        c.update_doc(block.split("\n### text")[0].rstrip() + "\n\nEvery table: [results/repaired.md](../results/repaired.md).",
                      marker="repaired", path="docs/channels.md", writer="repaired.py")
     print(block)
 

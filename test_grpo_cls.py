@@ -1674,11 +1674,11 @@ def test_every_iteration_logs_the_side_streams_label_quality(tmp_path, labels, c
         assert all(r["label_agree"] == 1.0 and r["label_recall"] in (1.0, None) for r in rows)
 
 
-def test_the_stored_runs_regenerate_the_committed_coupling_and_channel_reports_exactly(tmp_path):
-    """results/coupling.md and results/channels.md are what --tables computes from results/runs/:
+def test_the_stored_runs_regenerate_the_committed_coupling_channel_and_repaired_reports_exactly(tmp_path):
+    """results/coupling.md, channels.md and repaired.md are what --tables computes from results/runs/:
     an analysis change that moves a number must regenerate them (and the README's numbers with them)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    for script, report in (("coupling.py", "coupling.md"), ("channels.py", "channels.md")):
+    for script, report in (("coupling.py", "coupling.md"), ("channels.py", "channels.md"), ("repaired.py", "repaired.md")):
         out = subprocess.run([sys.executable, os.path.join(here, script), "--tables", "--no-doc", "--out",
                               str(tmp_path)],
                              cwd=here, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})

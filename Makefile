@@ -86,10 +86,12 @@ minigrid-solve: $(VENV)/.minigrid  ## does GRPO train the MiniGrid rooms? seed 1
 minigrid: $(VENV)/.minigrid  ## the MiniGrid replication of the dose-response (results/PROTOCOL.md): 40 runs
 	$(PY) replicate.py
 
-tables: $(STAMP)  ## every table and figure of the findings, from the stored runs in results/runs/ (no training)
+tables: $(VENV)/.minigrid  ## every table and figure of the findings, from the stored runs in results/runs/ (no training)
 	$(PY) coupling.py --tables
 	$(PY) channels.py --tables
 	$(PY) repaired.py --tables
+	$(PY) replicate.py --solve --tables
+	$(PY) replicate.py --tables
 
 REF := runs/reference-text-plain-seed1
 reference: $(STAMP)  ## the stored plain-GRPO run that make run is set beside (results/reference, vs_plain.png)

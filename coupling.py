@@ -243,13 +243,13 @@ def pairs_of(task: str, seed: int) -> list[dict]:
     return gym.make(env_id, split="train").unwrapped.twin_pairs(PAIRS, seed=seed)
 
 
-def seed_table(runs: dict, seeds: list[int], arms_of: dict = ARMS_OF) -> tuple[dict, list]:
+def seed_table(runs: dict, seeds: list[int], arms_of: dict | None = None) -> tuple[dict, list]:
     """(task, arm) -> {statistic: [one value per seed]}, over the seeds where the arm's run and the
     seed's plain run are both stored; and the (task, arm, seed) cells that are missing. The
     intervention's statistic is a difference in differences: the contrast in the withhold run minus the
     same pairs' contrast in the plain run. Every arm of a seed must share the plain run's iteration 0."""
     stats, missing = {}, []
-    for task, arms in arms_of.items():
+    for task, arms in (arms_of or ARMS_OF).items():
         for s in seeds:
             if (task, "plain", s) not in runs:
                 missing += [(task, a, s) for a in arms]
@@ -288,10 +288,10 @@ PRIMARY = {  # name -> (task, arm, the statistics that must all be positive (+) 
 }
 
 
-def family(stats: dict, primary: dict = PRIMARY) -> dict:
+def family(stats: dict, primary: dict | None = None) -> dict:
     """Each primary hypothesis: its p (intersection-union: the largest sign-flip p of its statistics, and
     1 where a mean has the wrong sign) and whether Holm's procedure over the family rejects it."""
-    p = {}
+    p, primary = {}, primary or PRIMARY
     for name, (task, arm, signs) in primary.items():
         ps = []
         for k, sign in signs.items():
@@ -355,8 +355,9 @@ def stat_cell(values: list, n: int) -> str:
 
 
 def report(stats: dict, seeds: list[int], missing: list, run_minutes: float, iters: int, store_dir: str,
-           arms_of: dict = ARMS_OF, hypotheses: dict = PRIMARY, script: str = "coupling.py",
+           arms_of: dict | None = None, hypotheses: dict | None = None, script: str = "coupling.py",
            target: str = "coupling", matrix: str = "the sampled-pair matrix") -> str:
+    arms_of, hypotheses = arms_of or ARMS_OF, hypotheses or PRIMARY
     fam = family(stats, hypotheses)
     n = len(seeds)
     primary = {(t, a, k) for t, a, signs in hypotheses.values() for k in signs}
@@ -392,14 +393,14 @@ def cpu_minutes(runs: dict) -> float:
     return (train + sum(cold.values())) / 60
 
 
-def plot_dose(runs: dict, seeds: list[int], path: str, tasks=tuple(ARMS_OF)):
+def plot_dose(runs: dict, seeds: list[int], path: str, tasks=None):
     """The dose-response: each pair's cold-start gradient cosine against its C1 (top) and its absolute
     gain (bottom), pooled over seeds, plain GRPO against the classifier, with the mean in overlap bins."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.2), squeeze=False)
-    for col, task in enumerate(tasks):
+    for col, task in enumerate(tasks or ARMS_OF):
         for row, key in enumerate(("C1", "gain")):
             ax = axes[row, col]
             for arm, colour in (("plain", "tab:red"), ("cls-oracle", "tab:blue")):
@@ -424,13 +425,13 @@ def plot_dose(runs: dict, seeds: list[int], path: str, tasks=tuple(ARMS_OF)):
     plt.close(fig)
 
 
-def plot_growth(runs: dict, seeds: list[int], path: str, tasks=tuple(ARMS_OF)):
+def plot_growth(runs: dict, seeds: list[int], path: str, tasks=None):
     """C1 over iterations for the pairs above and below the median overlap, plain against classifier."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks or ARMS_OF):
         for arm, style in (("plain", "-"), ("cls-oracle", "--")):
             for half, colour in (("high", "tab:red"), ("low", "tab:grey")):
                 curves = []

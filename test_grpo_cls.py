@@ -2043,3 +2043,13 @@ def test_the_minigrid_solve_check_and_replication_train_the_arms_their_protocol_
         (t, w, "oracle") for t in ("lavagap", "doorkey") for w in (0.0, 0.5)}
     assert all(cfg.eval_every == 60 and cfg.twin_pairs == 128 for cfg in cells.values())
 
+
+
+@needs_minigrid
+def test_the_stored_minigrid_runs_regenerate_the_committed_minigrid_reports_exactly(tmp_path):
+    for args, report in ((["--solve"], "minigrid-solve.md"), ([], "minigrid.md")):
+        out = subprocess.run([sys.executable, os.path.join(HERE, "replicate.py"), *args, "--tables", "--no-doc",
+                              "--out", str(tmp_path)], cwd=HERE, capture_output=True, text=True,
+                             env=os.environ | {"OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert (tmp_path / report).read_text() == open(os.path.join(HERE, "results", report)).read(), report

@@ -26,6 +26,7 @@ import grpo_cls as g
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV_IDS = ["grpo_cls/LavaGrid-v0", "grpo_cls/Kitchen-v0"]
+needs_minigrid = pytest.mark.skipif(importlib.util.find_spec("minigrid") is None, reason="pip install minigrid")
 torch.set_num_threads(1)
 
 
@@ -35,6 +36,34 @@ def one_thread_per_worker():
     slow both workers many times over."""
     yield
     assert torch.get_num_threads() == 1, "this test left torch with more than one thread"
+
+
+# ---------------------------------------------------------------------------------------------
+# The stored runs regenerate every committed report exactly (the slowest tests, first, so that the
+# two workers of make test finish together)
+# ---------------------------------------------------------------------------------------------
+
+def regenerate(tmp_path, script: str, args: list[str], report: str):
+    """Run `script --tables` on the stored runs into tmp_path; its report must equal the committed one."""
+    out = subprocess.run([sys.executable, os.path.join(HERE, script), *args, "--tables", "--no-doc", "--out",
+                          str(tmp_path)], cwd=HERE, capture_output=True, text=True,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / report).read_text() == open(os.path.join(HERE, "results", report)).read(), report
+
+
+@pytest.mark.parametrize("script, report", [("coupling.py", "coupling.md"), ("channels.py", "channels.md"),
+                                            ("repaired.py", "repaired.md")])
+def test_the_stored_runs_regenerate_the_committed_report_exactly(tmp_path, script, report):
+    """results/coupling.md, channels.md and repaired.md are what --tables computes from results/runs/:
+    an analysis change that moves a number must regenerate them (and the README's numbers with them)."""
+    regenerate(tmp_path, script, [], report)
+
+
+@needs_minigrid
+@pytest.mark.parametrize("args, report", [(["--solve"], "minigrid-solve.md"), ([], "minigrid.md")])
+def test_the_stored_minigrid_runs_regenerate_the_committed_minigrid_report_exactly(tmp_path, args, report):
+    regenerate(tmp_path, "replicate.py", args, report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1674,18 +1703,6 @@ def test_every_iteration_logs_the_side_streams_label_quality(tmp_path, labels, c
         assert all(r["label_agree"] == 1.0 and r["label_recall"] in (1.0, None) for r in rows)
 
 
-def test_the_stored_runs_regenerate_the_committed_coupling_channel_and_repaired_reports_exactly(tmp_path):
-    """results/coupling.md, channels.md and repaired.md are what --tables computes from results/runs/:
-    an analysis change that moves a number must regenerate them (and the README's numbers with them)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for script, report in (("coupling.py", "coupling.md"), ("channels.py", "channels.md"), ("repaired.py", "repaired.md")):
-        out = subprocess.run([sys.executable, os.path.join(here, script), "--tables", "--no-doc", "--out",
-                              str(tmp_path)],
-                             cwd=here, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert (tmp_path / report).read_text() == open(os.path.join(here, "results", report)).read(), report
-
-
 # ---------------------------------------------------------------------------------------------
 # The code reads as a text: top to bottom, in pieces a reader can hold
 # ---------------------------------------------------------------------------------------------
@@ -1734,7 +1751,6 @@ def test_no_function_in_any_file_is_longer_than_80_lines():
 # to brute force with MiniGrid's own step; the words the policy reads; the twin pairs
 # ---------------------------------------------------------------------------------------------
 
-needs_minigrid = pytest.mark.skipif(importlib.util.find_spec("minigrid") is None, reason="pip install minigrid")
 ROOMS = [f"grpo_cls/{name}" for name in envs.MINIGRID_ROOMS]  # Empty-5x5, LavaGapS5, DoorKey-5x5
 
 
@@ -2042,14 +2058,3 @@ def test_the_minigrid_solve_check_and_replication_train_the_arms_their_protocol_
     assert {(t, cfg.cls_weight, cfg.cls_labels) for (t, _, _), cfg in cells.items()} == {
         (t, w, "oracle") for t in ("lavagap", "doorkey") for w in (0.0, 0.5)}
     assert all(cfg.eval_every == 60 and cfg.twin_pairs == 128 for cfg in cells.values())
-
-
-
-@needs_minigrid
-def test_the_stored_minigrid_runs_regenerate_the_committed_minigrid_reports_exactly(tmp_path):
-    for args, report in ((["--solve"], "minigrid-solve.md"), ([], "minigrid.md")):
-        out = subprocess.run([sys.executable, os.path.join(HERE, "replicate.py"), *args, "--tables", "--no-doc",
-                              "--out", str(tmp_path)], cwd=HERE, capture_output=True, text=True,
-                             env=os.environ | {"OMP_NUM_THREADS": "1"})
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert (tmp_path / report).read_text() == open(os.path.join(HERE, "results", report)).read(), report

@@ -898,7 +898,16 @@ class OracleMiniGrid(gym.Env):
 for _id, _cls in (("grpo_cls/LavaGrid-v0", LavaGridEnv), ("grpo_cls/Kitchen-v0", KitchenEnv)):
     if _id not in gym.registry:
         gym.register(id=_id, entry_point=_cls)
-for _name, _heldout in MINIGRID_ROOMS.items():  # MiniGrid is imported only when one of these is made
-    if f"grpo_cls/{_name}" not in gym.registry:
-        gym.register(id=f"grpo_cls/{_name}", entry_point=OracleMiniGrid,
-                     kwargs={"minigrid_id": _name, "heldout_id": _heldout})
+
+
+def register_minigrid(name: str, heldout: str | None = None) -> str:
+    """Register grpo_cls/<name>, the MiniGrid env `name` with an oracle (OracleMiniGrid); its held-out family
+    is the env `heldout`, or none. Returns the id. MiniGrid is imported only when the env is made."""
+    env_id = f"grpo_cls/{name}"
+    if env_id not in gym.registry:
+        gym.register(id=env_id, entry_point=OracleMiniGrid, kwargs={"minigrid_id": name, "heldout_id": heldout})
+    return env_id
+
+
+for _name, _heldout in MINIGRID_ROOMS.items():
+    register_minigrid(_name, _heldout)

@@ -95,8 +95,9 @@ def arg(default, help: str, choices=None):
 
 @dataclass
 class Config:
-    env: str = arg("text", "task: 'grid', 'text', a MiniGrid room with an oracle (MiniGrid-Empty-5x5-v0, "
-                   "MiniGrid-LavaGapS5-v0, MiniGrid-DoorKey-5x5-v0; pip install minigrid==3.2.0), or any "
+    env: str = arg("text", "task: 'grid', 'text', a MiniGrid env in words with an oracle (pip install "
+                   "minigrid==3.2.0; MiniGrid-Empty-5x5-v0, MiniGrid-LavaGapS5-v0 and MiniGrid-DoorKey-5x5-v0 "
+                   "are held out one size larger, any other MiniGrid-* has no held-out family), or any "
                    "registered gymnasium id")
     env_kwargs: str = arg("{}", "JSON object of keyword arguments for gymnasium.make")
     seed: int = arg(1, "seed for torch, task sampling, env noise and action sampling")
@@ -169,6 +170,8 @@ class Config:
     def __post_init__(self):
         """Resolve the env alias and the run folder, and refuse bad input with a one-line ValueError."""
         self.env = ENV_ALIASES.get(self.env, self.env)
+        if self.env.startswith("MiniGrid-"):  # any other MiniGrid env: in words, with an oracle, no held-out family
+            self.env = envs.register_minigrid(self.env)
         if self.env not in gym.registry:
             raise ValueError(f"--env {self.env!r} is not registered; use 'grid', 'text' or a gymnasium id")
         try:
@@ -1104,9 +1107,10 @@ def is_ours(cfg: Config) -> bool:
 
 
 def make_envs(cfg: Config, n: int, split: str = "train") -> list[gym.Env]:
-    """n copies of the env. Only our envs have a held-out family; others get [] for split='heldout'."""
+    """n copies of the env. Only our envs have a held-out family (a MiniGrid env only where envs.py names
+    one); others get [] for split='heldout'."""
     kwargs = json.loads(cfg.env_kwargs) | ({"split": split} if is_ours(cfg) else {})
-    if split != "train" and not is_ours(cfg):
+    if split != "train" and (not is_ours(cfg) or gym.spec(cfg.env).kwargs.get("heldout_id", "") is None):
         return []
     return [gym.make(cfg.env, **kwargs) for _ in range(n)]
 

@@ -2058,3 +2058,14 @@ def test_the_minigrid_solve_check_and_replication_train_the_arms_their_protocol_
     assert {(t, cfg.cls_weight, cfg.cls_labels) for (t, _, _), cfg in cells.items()} == {
         (t, w, "oracle") for t in ("lavagap", "doorkey") for w in (0.0, 0.5)}
     assert all(cfg.eval_every == 60 and cfg.twin_pairs == 128 for cfg in cells.values())
+
+
+@needs_minigrid
+def test_any_other_minigrid_env_is_made_in_words_with_an_oracle_and_no_held_out_family():
+    cfg = tiny(out="unused", env="MiniGrid-Empty-8x8-v0")
+    assert cfg.env == "grpo_cls/MiniGrid-Empty-8x8-v0"
+    env = g.make_envs(cfg, 1)[0]
+    _, info = env.reset(seed=0, options={"task": 3})
+    assert isinstance(env.unwrapped, envs.OracleMiniGrid) and "flawed" in env.step(env.unwrapped.optimal_action())[4]
+    assert g.make_envs(cfg, 1, split="heldout") == []
+    assert len(g.make_envs(tiny(out="unused", env="MiniGrid-LavaGapS5-v0"), 1, split="heldout")) == 1

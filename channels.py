@@ -222,12 +222,7 @@ def main(argv=None):
     if args.label_quality:
         return label_quality_report(args)
     if not args.tables:
-        try:
-            minutes = cp.train_missing(args, ARMS_OF, arm_overrides)
-            print(f"channels.py: trained what was missing in {minutes:.1f} min")
-        except KeyboardInterrupt:
-            sys.exit(f"channels.py: interrupted; {args.store} keeps every finished run, and the same command "
-                     f"skips them")
+        cp.train_or_exit(args, ARMS_OF, arm_overrides, "channels.py")
     runs, iters = cp.load_store(args.store, ARMS_OF, args.seeds, arm_overrides)
     if iters < ENDPOINT_FROM:
         sys.exit(f"channels.py: the endpoint is the mean over iterations {ENDPOINT_FROM}-{iters}; the stored runs have "

@@ -551,6 +551,15 @@ def train_missing(args, arms_of: dict = ARMS_OF, overrides=arm_overrides) -> flo
     return (time.time() - t0) / 60
 
 
+def train_or_exit(args, arms_of: dict, overrides, script: str):
+    """train_missing, with the minutes it took printed; Ctrl-C exits in one line (every finished run is kept)."""
+    try:
+        minutes = train_missing(args, arms_of, overrides)
+        print(f"{script}: trained what was missing in {minutes:.1f} min")
+    except KeyboardInterrupt:
+        sys.exit(f"{script}: interrupted; {args.store} keeps every finished run, and the same command skips them")
+
+
 def load_store(store_dir: str, arms_of: dict, seeds: list[int], overrides) -> tuple[dict, int]:
     """(task, arm, seed) -> metric rows of every stored run the matrix asks for, and their one length.
     A stored run whose config is not the arm's stops the report."""
@@ -576,12 +585,7 @@ def load_store(store_dir: str, arms_of: dict, seeds: list[int], overrides) -> tu
 def main(argv=None):
     args = parse_args(argv)
     if not args.tables:
-        try:
-            minutes = train_missing(args)
-            print(f"coupling.py: trained what was missing in {minutes:.1f} min")
-        except KeyboardInterrupt:
-            sys.exit(f"coupling.py: interrupted; {args.store} keeps every finished run, and the same command "
-                     f"skips them")
+        train_or_exit(args, ARMS_OF, arm_overrides, "coupling.py")
     runs, iters = load_store(args.store, ARMS_OF, args.seeds, arm_overrides)
     stats, missing = seed_table(runs, args.seeds)
     block = report(stats, args.seeds, missing, cpu_minutes(runs), iters, args.store)

@@ -170,12 +170,7 @@ def main(argv=None):
     if args.recheck:
         sys.exit(recheck())
     if not args.tables:
-        try:
-            minutes = cp.train_missing(args, ARMS_OF, arm_overrides)
-            print(f"repaired.py: trained what was missing in {minutes:.1f} min")
-        except KeyboardInterrupt:
-            sys.exit(f"repaired.py: interrupted; {args.store} keeps every finished run, and the same command "
-                     f"skips them")
+        cp.train_or_exit(args, ARMS_OF, arm_overrides, "repaired.py")
     runs, iters = cp.load_store(args.store, ARMS_OF, args.seeds, arm_overrides)
     if iters < ch.ENDPOINT_FROM:
         sys.exit(f"repaired.py: the endpoint is the mean over iterations {ch.ENDPOINT_FROM}-{iters}; the stored runs have "

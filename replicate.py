@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
@@ -132,20 +131,12 @@ def parse_args(argv=None):
     return args
 
 
-def train(args, arms_of: dict, overrides) -> None:
-    try:
-        minutes = cp.train_missing(args, arms_of, overrides)
-        print(f"replicate.py: trained what was missing in {minutes:.1f} min")
-    except KeyboardInterrupt:
-        sys.exit(f"replicate.py: interrupted; {args.store} keeps every finished run, and the same command skips them")
-
-
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.solve:
         if not args.tables:
-            train(args, SOLVE_OF, solve_overrides)
+            cp.train_or_exit(args, SOLVE_OF, solve_overrides, "replicate.py")
         runs, _ = cp.load_store(args.store, SOLVE_OF, args.seeds, solve_overrides)
         block = solve_report(runs)
         with open(os.path.join(args.out, "minigrid-solve.md"), "w") as f:
@@ -156,7 +147,7 @@ def main(argv=None):
         print(block)
         return
     if not args.tables:
-        train(args, ARMS_OF, cp.arm_overrides)
+        cp.train_or_exit(args, ARMS_OF, cp.arm_overrides, "replicate.py")
     runs, iters = cp.load_store(args.store, ARMS_OF, args.seeds, cp.arm_overrides)
     stats, missing = cp.seed_table(runs, args.seeds, ARMS_OF)
     block = cp.report(stats, args.seeds, missing, cp.cpu_minutes(runs), iters, args.store, ARMS_OF, PRIMARY,

@@ -1,6 +1,9 @@
 # The two commands are `make run` and `make test`; `make bench`, `make claims`, `make optimizer`,
 # `make compare`, the `make matrix*` targets, `make coupling`, `make channels`, `make repaired`,
 # `make minigrid-solve`, `make minigrid`, `make reference` and `make figures` make the README's numbers.
+# grpo_cls.py (the method) and envs.py sit at the top; the studies behind the numbers live in studies/
+# and run as modules from here (`python -m studies.coupling --tables`); `make tables` regenerates every
+# table of the findings from the stored runs, `make explain` the walkthrough.
 # Each target creates .venv from requirements.txt when needed.
 PYTHON ?= python3
 VENV   := .venv
@@ -23,8 +26,8 @@ $(VENV)/.minigrid: $(STAMP)
 run: $(STAMP)  ## the main job: GRPO + classifier on the text task
 	$(PY) grpo_cls.py --cls-weight 0.5 --overwrite
 
-test: $(STAMP) $(VENV)/.minigrid  ## the whole test suite, MiniGrid's included, on two single-thread workers
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 test_grpo_cls.py
+test: $(STAMP) $(VENV)/.minigrid  ## the whole test suite (test_grpo_cls.py and studies/), MiniGrid's included, on two single-thread workers
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 test_grpo_cls.py studies/
 
 figures: run  ## refresh the README's figures from the main run
 	mkdir -p docs
@@ -32,66 +35,66 @@ figures: run  ## refresh the README's figures from the main run
 		runs/text-cls0.5-seed1/vs_plain.png docs/
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache __pycache__
+	rm -rf $(VENV) runs .pytest_cache __pycache__ studies/__pycache__
 
-bench: $(STAMP)  ## measure the trainer against this machine's ceilings; writes bench.json
-	$(PY) bench.py
+bench: $(STAMP)  ## measure the trainer against this machine's ceilings; writes results/bench.json
+	$(PY) -m studies.bench
 
 claims: $(STAMP)  ## measure the paper's claims; writes results/claims.md, squeeze.png, probe_rise.png
-	$(PY) claims.py
+	$(PY) -m studies.claims
 
 OPT := --cls-weight 0.5 --overwrite --quiet --no-plots --baseline none
 optimizer: $(STAMP)  ## the clip and Adam logs of the default classifier run on each task; writes results/optimizer.md
-	$(PY) grpo_cls.py $(OPT) --out runs/optimizer/text-cls0.5-seed1
-	$(PY) grpo_cls.py $(OPT) --env grid --out runs/optimizer/grid-cls0.5-seed1
-	$(PY) claims.py --optimizer runs/optimizer/text-cls0.5-seed1 runs/optimizer/grid-cls0.5-seed1
+	$(PY) -m studies.arms $(OPT) --out runs/optimizer/text-cls0.5-seed1
+	$(PY) -m studies.arms $(OPT) --env grid --out runs/optimizer/grid-cls0.5-seed1
+	$(PY) -m studies.claims --optimizer runs/optimizer/text-cls0.5-seed1 runs/optimizer/grid-cls0.5-seed1
 
 compare: $(STAMP)  ## claims 3b and 4, short: 20 iterations, seeds 1-5; writes results/compare.md and docs/claim4.md's block
-	$(PY) compare.py
+	$(PY) -m studies.compare
 
 matrix: $(STAMP)  ## the pre-registered matrix of results/PROTOCOL.md (claims 3b and 4, fresh seeds, 100 iterations)
-	$(PY) compare.py --iters 100 --seeds 7101-7108 --coupling-seeds 7109,7110 --name fair --no-stage2
+	$(PY) -m studies.compare --iters 100 --seeds 7101-7108 --coupling-seeds 7109,7110 --name fair --no-stage2
 
 matrix-stage2: $(STAMP)  ## stage 2 of the pre-registered matrix (weights, separate design), reusing stage 1
-	$(PY) compare.py --iters 100 --seeds 7101-7108 --coupling-seeds 7109,7110 --name fair
+	$(PY) -m studies.compare --iters 100 --seeds 7101-7108 --coupling-seeds 7109,7110 --name fair
 
 CURE := --iters 100 --seeds 7101-7108 --runs runs/compare-fair --no-stage2 --doc-file docs/cure.md
 RECHECK := runs/compare-fair/text-plain-seed7101 runs/compare-fair/init/text-seed7101
 RECHECK2 := runs/compare-fair/grid-cls-oracle-seed7101 runs/compare-fair/init/grid-seed7101
 recheck: $(STAMP)  ## re-train two stored runs of make matrix; they must match before matrix-cure reuses them
-	$(PY) compare.py --recheck $(RECHECK) && $(PY) compare.py --recheck $(RECHECK2)
+	$(PY) -m studies.compare --recheck $(RECHECK) && $(PY) -m studies.compare --recheck $(RECHECK2)
 
 matrix-cure: recheck  ## the decisive matrix (results/PROTOCOL.md): loop labels, the shaping control, no mask
-	$(PY) compare.py $(CURE) --tasks text,grid,text-nomask --name cure \
+	$(PY) -m studies.compare $(CURE) --tasks text,grid,text-nomask --name cure \
 		--arms plain,cls-advantage,cls-loop,cls-oracle,shape-loop,shape-oracle
 
 matrix-lambda: $(STAMP)  ## its sensitivity check: shaping at lambda 0.2, Kitchen
-	$(PY) compare.py $(CURE) --tasks text --name lambda --arms plain,cls-oracle,shape-oracle,shape-oracle-lambda0.2
+	$(PY) -m studies.compare $(CURE) --tasks text --name lambda --arms plain,cls-oracle,shape-oracle,shape-oracle-lambda0.2
 
 coupling: $(STAMP)  ## claim 3b over sampled twin pairs (results/PROTOCOL.md): 50 runs, ~40 min; stores results/runs/coupling
-	$(PY) coupling.py
+	$(PY) -m studies.coupling
 
 explain: $(STAMP)  ## one twin pair traced by hand, in about 10 s: writes docs/walkthrough.md and docs/walkthrough.png
-	OMP_NUM_THREADS=1 $(PY) explain.py
+	OMP_NUM_THREADS=1 $(PY) -m studies.explain
 
 channels: $(STAMP)  ## what carries the cure (results/PROTOCOL.md): classifier, placebo, labels through the policy
-	$(PY) channels.py
+	$(PY) -m studies.channels
 
 repaired: $(STAMP)  ## the repaired loop labels (results/PROTOCOL.md): classifier and policy channel, three tasks
-	$(PY) repaired.py
+	$(PY) -m studies.repaired
 
 minigrid-solve: $(VENV)/.minigrid  ## does GRPO train the MiniGrid rooms? seed 1, 6 runs (results/minigrid-solve.md)
-	$(PY) replicate.py --solve
+	$(PY) -m studies.replicate --solve
 
 minigrid: $(VENV)/.minigrid  ## the MiniGrid replication of the dose-response (results/PROTOCOL.md): 40 runs
-	$(PY) replicate.py
+	$(PY) -m studies.replicate
 
 tables: $(VENV)/.minigrid  ## every table and figure of the findings, from the stored runs in results/runs/ (no training)
-	$(PY) coupling.py --tables
-	$(PY) channels.py --tables
-	$(PY) repaired.py --tables
-	$(PY) replicate.py --solve --tables
-	$(PY) replicate.py --tables
+	$(PY) -m studies.coupling --tables
+	$(PY) -m studies.channels --tables
+	$(PY) -m studies.repaired --tables
+	$(PY) -m studies.replicate --solve --tables
+	$(PY) -m studies.replicate --tables
 
 REF := runs/reference-text-plain-seed1
 reference: $(STAMP)  ## the stored plain-GRPO run that make run is set beside (results/reference, vs_plain.png)

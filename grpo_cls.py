@@ -5,44 +5,33 @@
 
 Paper: Liu et al., "Rethinking Reward Miscalibration of GRPO in Agentic RL" / "Gradient Coupling"
 (arXiv:2509.23870); its method is GCD, Generative Classification Disentanglement. GRPO: Shao et al.
-(arXiv:2402.03300). Multi-turn GRPO as in verl-agent/GiGPO (arXiv:2505.10978). Squeezing effect:
+(arXiv:2402.03300). Multi-turn GRPO as in verl-agent (arXiv:2505.10978). Squeezing effect:
 Ren & Sutherland (arXiv:2407.10490).
 
 The objective, per step sample (s, a) of trajectory j in a group of G trajectories of one task:
     A_j      = (R_j - mean(R)) / (std(R) + eps)                      group-relative advantage
-                                                   (--adv gigpo adds omega * A_S per step; step_advantages)
     rho      = pi(a|s) / pi_old(a|s)
     pg_loss  = -min(rho * A_j, clip(rho, 1 - epsilon, 1 + epsilon) * A_j)
     kl       = exp(d) - d - 1,  d = log pi_ref(a|s) - log pi(a|s)    (k3 estimator)
     cls_loss = BCE(c(s, a), y(s, a))                                 y = 1 if the action is bad
     loss     = pg_loss + beta * kl + cls_weight * cls_loss
-Symbols -> code: G = num_generations, epsilon = clip range, beta = KL weight, R = the trajectory's
-reward that GRPO normalises (the outcome reward, 1 on success; minus lambda per bad step under the
---shaping control), A = advantage, y = label (1 = bad).
-The file reads top to bottom: no name is used above its definition (test_the_code_reads_top_to_bottom).
-The method is everything above the ruler "Plumbing", and the loop train() after the plumbing.
+Symbols -> code: G = num_generations, epsilon = clip range, beta = KL weight, R = the outcome reward of a
+trajectory (1 on success), A = advantage, y = label (1 = bad), c = the classifier's logit.
+The method is everything above the ruler "Plumbing", read top to bottom; the loop, train(), comes after
+the plumbing. The research arms (more label sources, channels, shaping, GiGPO) live in studies/arms.py.
 
 Deviations from the paper (see the README for the reasons):
   1. The actor is a 2-layer transformer, not an LLM; GCD's *generated* verdict becomes a linear
      classifier head on the same (state, action) embedding that the policy's logit reads.
-  2. Labels for the classifier come from the env's oracle (default: an upper bound a real agent lacks),
-     the advantage sign, step-level anchors (states that recur within a group), or loops in what the
-     agent sees; the paper does not pin its label source down.
-     `--cls-design separate` (the action as an input token, as an LLM judge reads it) is the ablation.
+  2. Labels for the classifier come from the env's oracle (default: an upper bound a real agent lacks)
+     or the sign of the advantage; the paper does not pin its label source down.
   3. The cold start is behaviour cloning on a noisy scripted agent; the prompt-based correction is omitted.
   4. pg_loss and kl average over the steps of groups whose rewards differ (a tied group has A = 0); the
      classifier averages over its labelled steps, in a stream of its own inside the same optimizer steps,
      so that it never changes what the policy-gradient term sees (grpo_update).
-  5. `--adv gigpo` (GiGPO's step-level advantage, arXiv:2505.10978) is a baseline for comparison only;
-     like every term here it acts on the steps of untied groups only.
-  6. `--shaping` is a control the paper does not run: the classifier's labels carried by the reward
-     (minus lambda per bad step) instead of by a loss on the pair embedding. So are `--cls-channel
-     placebo` (the classifier on permuted labels: its optimizer effects without the information) and
-     `--cls-channel policy` (the same labelled steps as a +-1 advantage on log pi, no second head).
-  7. Each stream's gradient is clipped to --max-grad-norm on its own, then the two are summed into one
+  5. Each stream's gradient is clipped to --max-grad-norm on its own, then the two are summed into one
      Adam step. A TRL or verl user would clip the summed loss once; that clip lets the classifier shrink
-     the policy-gradient step (joint_clip_pg_scale logs by how much). Adam's moments stay shared
-     (adam_pg_step_scale logs their effect; docs/optimizer.md).
+     the policy-gradient step (docs/optimizer.md).
 """
 
 from __future__ import annotations
@@ -71,13 +60,9 @@ import envs  # registers grpo_cls/LavaGrid-v0, grpo_cls/Kitchen-v0 and the MiniG
 
 ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0",  # MiniGrid rooms, with an oracle:
                **{name: f"grpo_cls/{name}" for name in envs.MINIGRID_ROOMS}}  # pip install minigrid==3.2.0
-CLS_LABELS = ("advantage", "oracle", "step", "loop", "loop-repaired")
-CLS_DESIGNS = ("shared", "separate")
-CLS_CHANNELS = ("head", "placebo", "policy")
-ADVANTAGES = ("grpo", "gigpo")
+CLS_LABELS = ("oracle", "advantage")  # studies/arms.py adds the label sources built from the agent's view
 SCALE_REWARDS = ("group", "batch", "none")
 ACTION_MASKS = ("env", "none")
-SHAPING = ("none", "oracle", "loop")
 
 
 def short_name(env_id: str) -> str:
@@ -95,55 +80,27 @@ def arg(default, help: str, choices=None):
 
 @dataclass
 class Config:
-    env: str = arg("text", "task: 'grid', 'text', a MiniGrid env in words with an oracle (pip install "
-                   "minigrid==3.2.0; MiniGrid-Empty-5x5-v0, MiniGrid-LavaGapS5-v0 and MiniGrid-DoorKey-5x5-v0 "
-                   "are held out one size larger, any other MiniGrid-* has no held-out family), or any "
-                   "registered gymnasium id")
+    env: str = arg("text", "task: 'text' (Kitchen), 'grid' (LavaGrid), a MiniGrid room in words with an oracle "
+                   "(MiniGrid-*; pip install minigrid==3.2.0), or any registered gymnasium id")
     env_kwargs: str = arg("{}", "JSON object of keyword arguments for gymnasium.make")
     seed: int = arg(1, "seed for torch, task sampling, env noise and action sampling")
     iters: int = arg(45, "GRPO iterations (rollout + update)")
     tasks_per_iter: int = arg(16, "task instances per iteration; each is run G times")
     num_generations: int = arg(8, "G, trajectories per task (the group)")
     lr: float = arg(1e-3, "Adam learning rate")
-    anneal_lr: int = arg(1, "1 = decay the learning rate linearly to 0 over --iters (as CleanRL), "
-                         "0 = constant", (0, 1))
+    anneal_lr: int = arg(1, "1 = decay the learning rate linearly to 0 over --iters, 0 = constant", (0, 1))
     epsilon: float = arg(0.2, "PPO clip range epsilon")
-    beta: float = arg(0.0, "beta, weight of the k3 KL to the frozen cold-start policy "
-                      "(0 = no reference model)")
+    beta: float = arg(0.0, "beta, weight of the k3 KL to the frozen cold-start policy (0 = no reference model)")
     num_iterations: int = arg(1, "update epochs over each batch (TRL's num_iterations)")
     minibatch_size: int = arg(64, "step samples per gradient step")
-    scale_rewards: str = arg("group", "advantage scaling: std of the group, of the batch, or none "
-                             "(mean only)", SCALE_REWARDS)
-    max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    adv: str = arg("grpo", "per-step advantage: the trajectory's group advantage (grpo), or that plus omega "
-                   "times a step-level advantage within anchor groups of identical states (gigpo, "
-                   "arXiv:2505.10978)", ADVANTAGES)
-    omega: float = arg(1.0, "gigpo: weight omega of the step-level advantage")
-    gamma: float = arg(0.95, "discount of the step returns that gigpo and --cls-labels step compare "
-                       "(GiGPO's 0.95)")
-    cls_weight: float = arg(0.0, "weight of the good/bad classification loss (0 = plain GRPO, no classifier "
-                            "built)")
-    cls_labels: str = arg("oracle", "classifier labels: the env's oracle flag (an upper bound a real "
-                          "agent lacks; the default, as no agent-available source passed docs/cure.md), the "
-                          "sign of the trajectory advantage, step-level labels from states that recur within "
-                          "a group, or loops in what the agent sees (no progress bad, the loop-erased path "
-                          "of a success good; loop-repaired leaves the step that closes a loop unlabelled)",
-                          CLS_LABELS)
-    cls_design: str = arg("shared", "classifier: a head on the policy's own pair embedding phi(s, a) "
-                          "(shared), or a second pass through the trunk with the action as an extra input "
-                          "token (separate)", CLS_DESIGNS)
-    cls_channel: str = arg("head", "what carries the labels, on the same labelled steps: the classifier "
-                           "(head, GCD); the classifier with the labels permuted among each batch's labelled "
-                           "steps (placebo: the base rate kept, the information gone); or no classifier loss "
-                           "but a policy-gradient term with advantage +1 (good) or -1 (bad), weighted "
-                           "--cls-weight (policy: the labels through log pi itself)", CLS_CHANNELS)
-    shaping: str = arg("none", "reward-shaping control: the outcome reward minus --shaping-lambda for each "
-                       "step the oracle's flag (oracle) or the loop labels (loop) call bad; the classifier's "
-                       "information carried by the reward instead", SHAPING)
-    shaping_lambda: float = arg(0.05, "lambda, the reward taken off per step labelled bad (--shaping)")
-    action_mask: str = arg("env", "env: the policy chooses among the actions info['action_mask'] allows; "
-                           "none: among all, and an inadmissible one wastes a step and is flawed (as for an "
-                           "LLM agent)", ACTION_MASKS)
+    scale_rewards: str = arg("group", "advantage scaling: std of the group, of the batch, or none (mean only)",
+                             SCALE_REWARDS)
+    max_grad_norm: float = arg(1.0, "gradient clipping norm, applied to each stream on its own")
+    cls_weight: float = arg(0.0, "weight of the good/bad classification loss (0 = plain GRPO, no classifier)")
+    cls_labels: str = arg("oracle", "classifier labels: the env's oracle flag (an upper bound a real agent "
+                          "lacks), or the sign of the trajectory's advantage", CLS_LABELS)
+    action_mask: str = arg("env", "env: choose among the actions info['action_mask'] allows; none: among all "
+                           "(an inadmissible one wastes a step and is flawed, as for an LLM agent)", ACTION_MASKS)
     sft_steps: int = arg(150, "cold start: behaviour-cloning steps on a noisy scripted agent (0 = none)")
     sft_noise: float = arg(0.3, "cold start: chance the scripted agent takes a random admissible action")
     sft_lr: float = arg(2e-3, "cold start: Adam learning rate")
@@ -151,43 +108,29 @@ class Config:
     n_layers: int = arg(2, "transformer blocks")
     n_heads: int = arg(4, "attention heads")
     eval_every: int = arg(20, "evaluate every N iterations (and at the last)")
-    diag_every: int = arg(2, "run the twin-probe diagnostics every N iterations (~30 ms each)")
-    twin_pairs: int = arg(64, "sampled twin pairs (the env's twin_pairs(), seeded by --seed) logged with the "
-                          "probes, with their gradient cosines at each evaluation (0 = none)")
+    diag_every: int = arg(2, "read the twin probes and pairs every N iterations")
+    twin_pairs: int = arg(64, "sampled twin pairs (seeded by --seed) read with the probes (0 = none)")
     eval_tasks: int = arg(128, "fixed task instances per evaluation split (in-domain and held-out)")
     device: str = arg("auto", "auto picks cuda when available", ("auto", "cpu", "cuda"))
     threads: int = arg(2, "torch CPU threads")
     out: str = arg("", "run folder (default runs/<env>-cls<w>-seed<s>)")
     overwrite: bool = arg(False, "allow writing into a non-empty run folder")
-    resume: str = arg("", "continue the run in this folder from its checkpoint (flags given override its "
-                      "config)")
+    resume: str = arg("", "continue the run in this folder from its checkpoint (flags given override its config)")
     quiet: bool = arg(False, "no progress bar or summary")
-    no_plots: bool = arg(False, "skip the PNGs at the end of the run (make compare's many short runs)")
-    baseline: str = arg("auto", "a stored plain-GRPO run folder to set beside this run in the summary "
-                        "and vs_plain.png; auto: results/reference/<env>-plain-seed<seed> when its config "
-                        "is this run's but for the classifier; none: off")
+    no_plots: bool = arg(False, "skip the PNGs at the end of the run")
+    baseline: str = arg("auto", "a stored plain-GRPO run folder to set beside this run; auto: "
+                        "results/reference/<env>-plain-seed<seed> where it fits; none: off")
 
     def __post_init__(self):
-        """Resolve the env alias and the run folder, and refuse bad input with a one-line ValueError."""
+        """Resolve the env alias and the run folder, and refuse bad values with a one-line ValueError
+        (check_env, in the plumbing, judges the env and its keyword arguments by making one)."""
         self.env = ENV_ALIASES.get(self.env, self.env)
         if self.env.startswith("MiniGrid-"):  # any other MiniGrid env: in words, with an oracle, no held-out family
             self.env = envs.register_minigrid(self.env)
-        if self.env not in gym.registry:
-            raise ValueError(f"--env {self.env!r} is not registered; use 'grid', 'text' or a gymnasium id")
-        try:
-            kwargs = json.loads(self.env_kwargs)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--env-kwargs is not valid JSON ({e.msg}); "
-                             f"give an object like '{{\"is_slippery\": false}}'")
-        if not isinstance(kwargs, dict):
-            raise ValueError(f"--env-kwargs must be a JSON object, got {self.env_kwargs!r}")
-        try:  # the env's own constructor is the only judge of its keyword arguments
-            gym.make(self.env, **kwargs).close()
-        except Exception as e:
-            why = str(e).splitlines()[0][:200]
-            if kwargs:
-                raise ValueError(f"--env-kwargs {self.env_kwargs} do not fit {self.env}: {why}")
-            raise ValueError(f"--env {self.env} cannot be made: {why}")
+        for f in dataclasses.fields(self):  # argparse checks the choices on the command line; this, in code
+            if f.metadata["choices"] and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of "
+                                 f"{', '.join(map(str, f.metadata['choices']))}, got {getattr(self, f.name)!r}")
         if self.twin_pairs < 0:
             raise ValueError(f"--twin-pairs must be >= 0, got {self.twin_pairs}")
         for name in ("iters", "tasks_per_iter", "num_iterations", "minibatch_size", "eval_every", "diag_every",
@@ -195,37 +138,21 @@ class Config:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_generations < 2:
-            raise ValueError(f"--num-generations must be >= 2 (a group needs a baseline), "
-                             f"got {self.num_generations}")
-        for name in ("lr", "epsilon", "beta", "max_grad_norm", "cls_weight", "sft_noise", "sft_lr", "omega",
-                     "gamma", "shaping_lambda"):
+            raise ValueError(f"--num-generations must be >= 2 (a group needs a baseline), got {self.num_generations}")
+        for name in ("lr", "epsilon", "beta", "max_grad_norm", "cls_weight", "sft_noise", "sft_lr"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
         if self.lr == 0:
             raise ValueError("--lr must be > 0")
-        if self.gamma > 1:
-            raise ValueError(f"--gamma must be in [0, 1], got {self.gamma}")
         if self.sft_noise > 1 or self.sft_steps < 0:
             raise ValueError("--sft-noise must be in [0, 1] and --sft-steps >= 0")
-        if self.cls_channel not in CLS_CHANNELS:
-            raise ValueError(f"--cls-channel must be one of {', '.join(CLS_CHANNELS)}, got {self.cls_channel!r}")
-        if self.cls_channel != "head" and self.cls_weight == 0:
-            raise ValueError(f"--cls-channel {self.cls_channel} carries the labels in the side stream: give it "
-                             f"--cls-weight > 0")
-        if self.cls_channel == "policy" and self.cls_design != "shared":
-            raise ValueError("--cls-channel policy trains no classifier, so it has no --cls-design; leave it "
-                             "shared")
-        if self.shaping != "none" and self.cls_weight > 0:
-            raise ValueError("--shaping is the classifier's control: use it with --cls-weight 0 (one channel "
-                             "at a time)")
         if self.d_model % self.n_heads:
             raise ValueError(f"--d-model ({self.d_model}) must be divisible by --n-heads ({self.n_heads})")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use auto or cpu")
         if not self.out:
-            channel = "" if self.cls_channel == "head" else f"-{self.cls_channel}"
-            self.out = f"runs/{short_name(self.env)}-cls{self.cls_weight:g}{channel}-seed{self.seed}"
+            self.out = f"runs/{short_name(self.env)}-cls{self.cls_weight:g}-seed{self.seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,19 +247,16 @@ class Block(nn.Module):
 
 
 class Policy(nn.Module):
-    """pi(a|s) = softmax_a(w . phi(s, a)) over admissible a, and a good/bad classifier c(s, a).
+    """pi(a|s) = softmax_a(w . phi(s, a)) over admissible a, and a good/bad classifier c(s, a) = v . phi(s, a).
 
-    phi(s, a) is the policy's own embedding of the (state, action) pair. The 'shared' classifier is
-    c = v . phi(s, a): training it on good/bad labels moves phi of good and bad pairs apart, which is
-    exactly the representation the policy logit uses. The 'separate' one (the ablation) runs the trunk a
-    second time with the action appended as an input token and reads c off that token, as an LLM judge
-    that reads the state and the action would: it shapes the shared trunk, but never phi itself.
+    phi(s, a) is the policy's own embedding of the (state, action) pair. Training the classifier on good/bad
+    labels moves phi of good and bad pairs apart, which is exactly the representation the policy logit uses.
     """
 
     def __init__(self, vocab_size: int, seq_len: int, action_tokens: np.ndarray, d: int, n_layers: int,
-                 n_heads: int, with_classifier: bool, cls_design: str = "shared"):
+                 n_heads: int, with_classifier: bool):
         super().__init__()
-        self.with_classifier, self.cls_design = with_classifier, cls_design
+        self.with_classifier = with_classifier
         self.tok_emb, self.pos_emb = nn.Embedding(vocab_size, d), nn.Embedding(seq_len, d)
         self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d)
@@ -342,17 +266,12 @@ class Policy(nn.Module):
         # only the product term is computed per (state, action) pair
         self.pair_s = nn.Linear(d, d)
         self.pair_a, self.pair_m = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
-        self.policy_head = nn.Linear(d, 1)
-        self.cls_head = nn.Linear(d, 1) if with_classifier else None
-        # the separate classifier's action token gets its own position vector, made last so that every
-        # other parameter starts as in plain GRPO (as nn.Embedding, N(0, 1))
-        self.cls_pos = nn.Parameter(torch.randn(d)) if with_classifier and cls_design == "separate" else None
+        self.policy_head = nn.Linear(d, 1)                                   # w
+        self.cls_head = nn.Linear(d, 1) if with_classifier else None         # v
 
-    def trunk(self, tokens, extra=None):  # (B, L) [, (B, d) one more input vector] -> (B, L [+1], d)
+    def trunk(self, tokens):  # (B, L) -> (B, L, d)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.tok_emb(tokens) + self.pos_emb(positions)  # (B, L, d)
-        if extra is not None:  # padding is a token it learns to ignore
-            x = torch.cat([x, (extra + self.cls_pos)[:, None]], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
@@ -370,15 +289,12 @@ class Policy(nn.Module):
         return F.gelu(self.pair_s(h)[:, None] + self.pair_a(u)[None] + self.pair_m(h[:, None] * u[None]))
 
     def forward(self, tokens, action_mask):
-        """tokens (B, L), action_mask (B, n_act) bool -> logits (B, n_act), phi (B, n_act, d), and the shared
-        classifier's logits (B, n_act), or None without a shared classifier."""
+        """tokens (B, L), action_mask (B, n_act) bool -> logits (B, n_act), phi (B, n_act, d), and the
+        classifier's logits c (B, n_act), or None without a classifier."""
         phi = self.pair_embedding(self.state_embedding(tokens))
         logits = self.policy_head(phi).squeeze(-1).masked_fill(~action_mask, -1e9)  # (B, n_act)
-        cls = self.cls_head(phi).squeeze(-1) if self.with_classifier and self.cls_design == "shared" else None
+        cls = self.cls_head(phi).squeeze(-1) if self.with_classifier else None
         return logits, phi, cls
-
-    def classify_separately(self, tokens, a):  # (B, L), (B,) -> (B,) c(s, a), the action as an input token
-        return self.cls_head(self.trunk(tokens, self.action_embedding()[a])[:, -1]).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,163 +330,41 @@ def classification_loss(cls_logit, y, labelled):
 
 
 # ---------------------------------------------------------------------------------------------
-# Advantages and labels per step: GRPO gives every step its trajectory's A; anchors refine it
+# The classifier's labels, one per step sample
 # ---------------------------------------------------------------------------------------------
 
-def anchor_groups(traj: np.ndarray, state_key: list, G: int) -> list[np.ndarray]:
-    """GiGPO's anchors: the steps of one group (G trajectories of one task, traj // G) that share an
-    identical observation. traj (S,) trajectory index, state_key (S,) hashable observation. Only anchors
-    with at least two steps are returned, as index arrays."""
-    anchors: dict = {}
-    for i, (j, key) in enumerate(zip(traj, state_key)):
-        anchors.setdefault((j // G, key), []).append(i)
-    return [np.asarray(idx) for idx in anchors.values() if len(idx) >= 2]
-
-
-def step_labels(traj: np.ndarray, state_key: list, rtg: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
-    """Classifier labels from anchors: an action whose return-to-go beats its anchor's mean is good
-    (y = 0), one below it bad (y = 1); a tie or a state seen once stays unlabelled. rtg (S,)."""
-    y, labelled = np.zeros(len(traj), dtype=np.float32), np.zeros(len(traj), dtype=bool)
-    for idx in anchor_groups(traj, state_key, G):
-        v = rtg[idx]
-        y[idx], labelled[idx] = v < v.mean(), ~np.isclose(v, v.mean())
-    return y, labelled
-
-
-def anchor_advantages(traj: np.ndarray, state_key: list, rtg: np.ndarray, G: int, scale: str = "group",
-                      eps: float = 1e-4) -> np.ndarray:
-    """GiGPO's step-level advantage A_S (S,): within each anchor, (rtg - mean) / (std + eps), or
-    rtg - mean for scale 'none' ('batch' also uses the anchor's own std). A step whose state no other
-    step of its group shares gets 0."""
-    A_S = np.zeros(len(traj))
-    for idx in anchor_groups(traj, state_key, G):
-        centred = rtg[idx] - rtg[idx].mean()
-        A_S[idx] = centred if scale == "none" else centred / (rtg[idx].std(ddof=1) + eps)
-    return A_S
-
-
-def returns_to_go(traj: np.ndarray, reward: np.ndarray, gamma: float = 1.0) -> np.ndarray:
-    """(S,) discounted sum of the rewards from each step to the end of its trajectory (steps in time
-    order)."""
-    rtg, running, last = np.zeros(len(traj)), 0.0, None
-    for i in range(len(traj) - 1, -1, -1):
-        running = (gamma * running if traj[i] == last else 0.0) + reward[i]
-        rtg[i], last = running, traj[i]
-    return rtg
-
-
-def loop_labels(traj: np.ndarray, key: list, next_key: list, success: np.ndarray,
-                close_bad: bool = True) -> tuple:
-    """Labels from what the agent observes, its own action history left out. A step is bad (y = 1) when
-    it makes no progress: it starts a detour back to a situation already seen in this episode (every
-    step of that loop is bad; "nothing happens" is a loop of one step). Good (y = 0): the steps left on
-    the loop-erased path of a successful episode. Other steps stay unlabelled. close_bad=False (the
-    repaired labels) leaves unlabelled the step that closes a loop of two or more steps: the step back
-    is often on a shortest plan from where the detour led. traj (S,), each trajectory's steps in time
-    order; key, next_key (S,) what the agent saw before and after the step; success (N,) per trajectory."""
-    y, labelled = np.zeros(len(traj), dtype=np.float32), np.zeros(len(traj), dtype=bool)
-    steps_of: dict = {}
-    for i, j in enumerate(traj):
-        steps_of.setdefault(j, []).append(i)
-    for j, idx in steps_of.items():
-        path, seen = [], [key[idx[0]]]  # the loop-erased path: its steps, and the situations along it
-        for i in idx:
-            if next_key[i] in seen:     # back to seen[k]: the steps since then made no progress
-                k = seen.index(next_key[i])
-                bad = path[k:] + ([i] if close_bad or not path[k:] else [])  # a one-step loop stays bad
-                y[bad], labelled[bad] = 1, True
-                path, seen = path[:k], seen[:k + 1]
-            else:
-                path.append(i)
-                seen.append(next_key[i])
-        if success[j]:
-            labelled[path] = True
-    return y, labelled
-
-
-def shaped_rewards(cfg: Config, batch) -> np.ndarray:
-    """(N,) the reward GRPO normalises in each group: the outcome reward R, and with --shaping
-    R - lambda * (the number of the trajectory's steps that the oracle or the loop labels call bad)."""
-    if cfg.shaping == "none":
-        return batch["reward"]
-    if cfg.shaping == "oracle":
-        bad = batch["flawed"]
-    else:
-        bad = loop_labels(batch["traj"], batch["key"], batch["next_key"], batch["success"])[0] > 0
-    return batch["reward"] - cfg.shaping_lambda * np.bincount(batch["traj"], weights=bad,
-                                                              minlength=len(batch["reward"]))
-
-
-def step_returns(batch, gamma: float) -> np.ndarray:
-    """(S,) the return-to-go of every step sample, in the batch's order (returns_to_go per trajectory)."""
-    traj = batch["traj"]
-    order = np.argsort(traj, kind="stable")  # the steps of each trajectory, in time order
-    rtg = np.empty(len(order))
-    rtg[order] = returns_to_go(traj[order], batch["step_reward"][order], gamma)
-    return rtg
-
-
-def observation_keys(batch) -> list[bytes]:
-    """(S,) one hashable key per step sample: identical observation, identical key (GiGPO's anchors)."""
-    return [t.tobytes() for t in batch["tokens"]]
-
-
-def step_advantages(cfg: Config, batch, A_traj, device):
-    """The advantage of every step sample, A (S,). grpo: each step gets its trajectory's advantage.
-    gigpo: plus omega * A_S from the step's anchor."""
-    A = A_traj[torch.as_tensor(batch["traj"], device=device)]           # (S,)
-    if cfg.adv != "gigpo":
-        return A
-    rtg = step_returns(batch, cfg.gamma)
-    A_S = anchor_advantages(batch["traj"], observation_keys(batch), rtg, cfg.num_generations, cfg.scale_rewards)
-    return A + cfg.omega * torch.as_tensor(A_S, dtype=A.dtype, device=device)
-
-
-def classifier_labels(cfg: Config, batch, A, device) -> tuple:
-    """The side stream's labels (y, labelled), both (S,), y = 1 calling a step's action bad, from the
-    source --cls-labels names: 'oracle', the env's flawed flag on every step; 'advantage', A < 0 bad and
-    A == 0 unlabelled; 'step', GiGPO's anchors (step_labels); 'loop' and 'loop-repaired', loops in what
-    the agent sees (loop_labels)."""
+def classifier_labels(cfg: Config, batch, A) -> tuple:
+    """(y, labelled), both (S,), y = 1 calling a step's action bad. 'oracle': the env's flawed flag on every
+    step. 'advantage': the step's advantage A (S,) below 0 is bad, above 0 good, exactly 0 unlabelled."""
     if cfg.cls_labels == "oracle":
-        flawed = torch.as_tensor(batch["flawed"], device=device)
+        flawed = torch.as_tensor(batch["flawed"], device=A.device)
         return flawed.float(), torch.ones_like(flawed, dtype=torch.bool)
-    if cfg.cls_labels == "advantage":
-        return (A < 0).float(), A != 0
-    if cfg.cls_labels == "step":
-        y, labelled = step_labels(batch["traj"], observation_keys(batch), step_returns(batch, cfg.gamma),
-                                  cfg.num_generations)
-    else:
-        y, labelled = loop_labels(batch["traj"], batch["key"], batch["next_key"], batch["success"],
-                                  close_bad=cfg.cls_labels == "loop")
-    return torch.as_tensor(y, device=device), torch.as_tensor(labelled, device=device)
+    return (A < 0).float(), A != 0
 
 
 # ---------------------------------------------------------------------------------------------
 # Rollout: all K*G envs step in lockstep, one batched forward per step, finished envs masked out
 # ---------------------------------------------------------------------------------------------
 
-FORWARD_CHUNK = 64  # bench.py: on a 2-core CPU a forward of 64 samples is ~1.5x faster per sample than 128
+FORWARD_CHUNK = 64  # studies/bench.py: on a 2-core CPU a forward of 64 samples is ~1.5x faster per sample than 128
 
 
 @torch.inference_mode()
 def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=None, use_mask=True,
             keys=False):
-    """Run one episode in every env (env i plays task tasks[i] with seed seeds[i]).
-
-    Returns a dict of step-sample arrays (S = total steps): tokens (S, L), mask (S, n_act) the policy's mask,
-    action, logp, traj, flawed, admissible (did the env's own mask allow the action), and per-trajectory
-    arrays (N,): reward, success, length, and the first episode's text. With use_mask=False the policy
-    chooses among all actions (as an LLM agent does), whatever info["action_mask"] says. With keys=True,
-    key and next_key (S,) say what the agent saw before and after each step, without its own action
-    history (info["state_key"] where the env gives one, else the observation).
-    `pick(env, mask) -> action` replaces the policy (used by the cold start's scripted agent).
-    """
+    """Run one episode in every env (env i plays task tasks[i] with seed seeds[i]). Returns a dict of
+    step-sample arrays (S = total steps): tokens (S, L), mask (S, n_act) the policy's mask, action, logp, traj,
+    flawed, admissible (did the env's own mask allow the action), and per-trajectory arrays (N,): reward,
+    success, length, and the first episode's text. With use_mask=False the policy chooses among all actions
+    (as an LLM agent does). With keys=True (the lab's labels), key and next_key (S,): what the agent saw
+    before and after each step (info["state_key"] where the env gives one, else the observation).
+    `pick(env, mask) -> action` replaces the policy (used by the cold start's scripted agent)."""
     N, n_actions = len(envs_), envs_[0].action_space.n
     options = [None] * N if tasks is None else [{"task": int(t)} for t in tasks]
     obs, info = zip(*(e.reset(seed=int(s), options=o) for e, s, o in zip(envs_, seeds, options)))
     all_legal = np.ones(n_actions, dtype=np.int8)  # for envs that give no action_mask, and for use_mask=False
     obs, masks = list(obs), [i.get("action_mask", all_legal) for i in info]
-    view = [i.get("state_key", tok.encode(o).tobytes()) if keys else None for o, i in zip(obs, info)]
+    key = [i.get("state_key", tok.encode(o).tobytes()) if keys else None for o, i in zip(obs, info)]
     done = np.zeros(N, dtype=bool)
     steps = {k: [] for k in ("tokens", "mask", "action", "logp", "traj", "flawed", "reward", "admissible",
                              "key", "next_key")}  # one entry per step sample, appended by name
@@ -590,22 +384,22 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
         a, logp = a.cpu().numpy(), logp.cpu().numpy()                        # one sync per env step
         for j, i in enumerate(live):
             act = int(a[j]) if pick is None else pick(envs_[i], masks[i])
-            o, r, term, trunc, inf = envs_[i].step(act)
-            flawed = bool(inf.get("flawed", False))
-            after = inf.get("state_key", tok.encode(o).tobytes()) if keys else None
+            o, r, term, trunc, step_info = envs_[i].step(act)
+            flawed = bool(step_info.get("flawed", False))
+            next_key = step_info.get("state_key", tok.encode(o).tobytes()) if keys else None
             allowed = bool(masks[i][act])  # the env's own verdict, whether or not the policy was masked
             sample = {"tokens": x[j], "mask": m[j], "action": act, "logp": logp[j], "traj": i, "flawed": flawed,
-                      "reward": r, "admissible": allowed, "key": view[i], "next_key": after}
+                      "reward": r, "admissible": allowed, "key": key[i], "next_key": next_key}
             for k, v in sample.items():
                 steps[k].append(v)
-            has = {k: seen or k in inf for k, seen in has.items()}
+            has = {k: seen or k in step_info for k, seen in has.items()}
             if i == 0:
                 transcript.append(f"> {tok.action_names[act]}{'   [flawed]' if flawed else ''}\n{o}")
-            obs[i], masks[i], view[i] = o, inf.get("action_mask", all_legal), after
+            obs[i], masks[i], key[i] = o, step_info.get("action_mask", all_legal), next_key
             reward[i] += r
             length[i] += 1
             if term or trunc:
-                done[i], success[i] = True, bool(inf.get("success", False))
+                done[i], success[i] = True, bool(step_info.get("success", False))
     batch = {k: np.asarray(v) for k, v in steps.items() if k not in ("key", "next_key")}
     batch["step_reward"] = batch.pop("reward")  # (S,) reward of each step; "reward" below is per trajectory
     batch.update(reward=reward, success=success, length=length, transcript="\n".join(transcript),
@@ -616,75 +410,8 @@ def rollout(policy, envs_, tok, tasks, seeds, gen, device, max_len=10_000, pick=
 
 # ---------------------------------------------------------------------------------------------
 # The update: loss = pg_loss + beta * kl + cls_weight * cls_loss, each stream clipped on its own
+# Letters: S = step samples in the batch, b = a minibatch of them, b' = the classifier's share of it.
 # ---------------------------------------------------------------------------------------------
-
-# -- what an update logs ----------------------------------------------------------------------
-
-CHECKED = ("pg_loss", "cls_loss", "kl", "grad_norm", "cls_grad_norm")  # NaN or inf in any stops a run
-CLIP_KEYS = ("cls_grad_norm", "cls_grad_clipped", "cls_pg_grad_ratio", "joint_clip_pg_scale",
-             "adam_pg_step_scale")  # clip_stats, adam_pg_step_scale
-
-
-def opt_step_stats(t: dict, cfg: Config, m, logp_old, flawed, y) -> dict:
-    """What one optimizer step logs, as device tensors (no host sync inside the update loop)."""
-    p = t["logp_all"].exp()
-    s = {"pg_loss": t["pg_loss"].detach(), "kl": t["kl"].detach(), "cls_loss": t["cls_loss"].detach(),
-         "entropy": -(p * t["logp_all"]).masked_fill(~m, 0).sum(1).mean().detach(),
-         "clip_frac": ((t["logp"] - logp_old).exp().sub(1).abs() > cfg.epsilon).float().mean().detach(),
-         "pg_grad_norm": t["grad_norm"], "grad_clipped": (t["grad_norm"] > cfg.max_grad_norm).double(),
-         "finite": torch.stack([torch.isfinite(t[k]).all() for k in CHECKED])}
-    if t.get("side"):  # a side share this step: its gradient beside the pg's
-        s |= {k: t[k].double() for k in CLIP_KEYS if t.get(k) is not None} | {"side": True}
-    if t["c"] is not None:  # the classifier's verdict (c > 0 means bad) against its labels and the oracle
-        said_bad = t["c"].detach() > 0
-        s |= {"cls_correct": (said_bad == (y > 0)).sum(), "oracle_correct": (said_bad == flawed).sum(),
-              "classified": torch.tensor(len(y), device=y.device)}
-    return s
-
-
-def update_stats(logs: list[dict], cfg: Config, batch, policy, ref, labelled, n_informative: int) -> dict:
-    """Means of the logged terms over the update's optimizer steps, with one host sync. "nonfinite" names
-    the first term that was NaN or infinite in the first step that had one (None if all were finite)."""
-    out = {"pg_loss": None, "entropy": None, "clip_frac": None, "kl": None, "cls_loss": None, "cls_acc": None,
-           "cls_oracle_acc": None, "nonfinite": None, "pg_grad_norm": None, "grad_clipped_frac": None,
-           "cos_v_w": None} | {k.replace("clipped", "clipped_frac"): None for k in CLIP_KEYS}
-    if logs:  # every group tied: no step was taken
-        mean = lambda k: torch.stack([s[k] for s in logs]).mean().item()  # noqa: E731
-        out |= {k: mean(k) for k in ("pg_loss", "entropy", "clip_frac", "pg_grad_norm")}
-        out["grad_clipped_frac"] = mean("grad_clipped")
-        out["kl"] = mean("kl") if ref is not None else None
-        finite = torch.stack([s["finite"] for s in logs]).tolist()  # (steps, terms)
-        first_bad = next((row for row in finite if not all(row)), None)  # later steps inherit its NaN
-        out["nonfinite"] = CHECKED[first_bad.index(False)] if first_bad else None
-    counted = [s for s in logs if "side" in s]  # the steps whose side-stream share was not empty
-    classified = [s for s in counted if "classified" in s]  # of those, the ones with a classifier verdict
-    if classified:
-        total = lambda k: torch.stack([s[k] for s in classified]).sum().item()  # noqa: E731
-        out["cls_acc"] = total("cls_correct") / total("classified")
-        out["cls_oracle_acc"] = total("oracle_correct") / total("classified") if batch["has_oracle"] else None
-    if counted:
-        out["cls_loss"] = torch.stack([s["cls_loss"] for s in counted]).mean().item()
-        for k in CLIP_KEYS:  # NaN marks a step where a ratio is undefined (its denominator was 0)
-            v = torch.stack([s[k] for s in counted if k in s]).nanmean().item() if k in counted[0] else None
-            out[k.replace("clipped", "clipped_frac")] = None if v is None or math.isnan(v) else v
-    if policy.with_classifier and policy.cls_design == "shared":  # v and w, the two heads that read phi(s, a)
-        out["cos_v_w"] = F.cosine_similarity(policy.cls_head.weight, policy.policy_head.weight).item()
-    return out | {"cls_labelled_frac": labelled.float().mean().item() if labelled is not None else None,
-                  "update_samples": n_informative * cfg.num_iterations, "opt_steps": len(logs)}
-
-
-def batch_stats(batch, R, A) -> dict:
-    """What the rollout and the advantages log: success, flawed rate, and the mean advantage of flawed and
-    of good steps (Lemma 3.1 says the first is negative in expectation)."""
-    A_steps, flawed = A.cpu().numpy(), batch["flawed"] if batch["has_oracle"] else None
-    return {"train_success_rate": float(batch["success"].mean()) if batch["has_success"] else None,
-            "train_invalid_rate": float(1 - batch["admissible"].mean()) if batch["has_mask"] else None,
-            "train_flawed_rate": float(flawed.mean()) if flawed is not None else None,
-            "adv_flawed_mean": float(A_steps[flawed].mean()) if flawed is not None and flawed.any() else None,
-            "adv_good_mean": float(A_steps[~flawed].mean()) if flawed is not None and (~flawed).any()
-            else None,
-            "zero_std_frac": float((R.std(dim=1) == 0).float().mean())}
-
 
 def varied_groups(R: np.ndarray, G: int) -> np.ndarray:
     """R (N,) one reward per trajectory -> (K,) True for the groups whose rewards are not all equal."""
@@ -694,21 +421,13 @@ def varied_groups(R: np.ndarray, G: int) -> np.ndarray:
 
 def informative_steps(batch, G: int) -> np.ndarray:
     """(S',) indices of the step samples of groups whose outcome rewards differ. A group that ties gets
-    A = 0 from GRPO, so its steps carry no policy gradient and are skipped (as DAPO drops such groups).
-    The rule reads the outcome rewards only, so it is the same in every arm."""
+    A = 0 from GRPO, so its steps carry no policy gradient and are skipped (as DAPO drops such groups)."""
     return np.flatnonzero(varied_groups(batch["reward"], G)[batch["traj"] // G])
 
 
-def shaping_steps(batch, G: int) -> np.ndarray:
-    """The steps of groups whose outcomes tie but whose shaped rewards differ: what --shaping adds where
-    the outcome reward carries nothing. They are the shaping arm's side stream, as the labelled steps
-    are the classifier's."""
-    only = varied_groups(batch["shaped_reward"], G) & ~varied_groups(batch["reward"], G)
-    return np.flatnonzero(only[batch["traj"] // G])
-
-
 def policy_terms(policy, ref, cfg: Config, x, m, a, logp_old, A) -> dict:
-    """pg_loss and kl on a minibatch of b step samples: x (b, L), m (b, n_act), a, logp_old, A (b,)."""
+    """pg_loss and kl on a minibatch of b step samples: x (b, L), m (b, n_act), a, logp_old, A (b,); and
+    two readings of the policy that the update logs, its entropy and the share of clipped ratios."""
     logits, _, _ = policy(x, m)
     logp_all = torch.log_softmax(logits, dim=-1)                              # (b, n_act)
     logp = logp_all.gather(1, a[:, None]).squeeze(1)                          # (b,)
@@ -717,22 +436,15 @@ def policy_terms(policy, ref, cfg: Config, x, m, a, logp_old, A) -> dict:
         with torch.no_grad():
             logp_ref = torch.log_softmax(ref(x, m)[0], dim=-1).gather(1, a[:, None]).squeeze(1)
         kl = kl_k3(logp, logp_ref).mean()
+    p = logp_all.exp()
     return {"pg_loss": clipped_surrogate(logp, logp_old, A, cfg.epsilon).mean(), "kl": kl,
-            "logp_all": logp_all, "logp": logp}
-
-
-def classifier_verdict(policy, x, m, a):
-    """c(s, a) (b,), the classifier's logit that the taken action a is bad: x (b, L), m (b, n_act), a (b,)."""
-    if policy.cls_design == "shared":
-        return policy(x, m)[2].gather(1, a[:, None]).squeeze(1)
-    return policy.classify_separately(x, a)
+            "entropy": -(p * logp_all).masked_fill(~m, 0).sum(1).mean().detach(),
+            "clip_frac": ((logp - logp_old).exp().sub(1).abs() > cfg.epsilon).float().mean().detach()}
 
 
 def total_norm(grads: list) -> torch.Tensor:
-    """The joint L2 norm of a list of gradients (None = no gradient), in float64: a fixed-order sum of the
-    tensors' squared norms. A tensor of zeros anywhere in the list adds exactly 0.0, so it cannot move the
-    norm by a bit on any CPU. (torch's clip_grad_norm_ reduces the list's norms in one vectorised call,
-    whose rounding depends on the list's length and the CPU's vector width: test_total_norm_*.)"""
+    """The joint L2 norm of a list of gradients (None = no gradient), in float64, summed in a fixed order: a
+    tensor of zeros anywhere adds exactly 0.0 on any CPU (torch's clip_grad_norm_ rounds by vector width)."""
     present = [g for g in grads if g is not None]
     total = torch.zeros((), dtype=torch.float64, device=present[0].device if present else None)
     for g in present:
@@ -753,167 +465,68 @@ def add_grads(a: list, b: list) -> list:
     return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
 
 
-def placebo_labels(y, labelled, gen):
-    """--cls-channel placebo: the labels y (B,) permuted among the labelled steps, with `gen`. The share
-    labelled bad is kept exactly; which step carries which label is independent of the step."""
-    idx = torch.nonzero(labelled).squeeze(1)
-    shuffled = y.clone()
-    shuffled[idx] = y[idx[torch.randperm(len(idx), device=y.device, generator=gen)]]
-    return shuffled
-
-
-def labels_through_policy(policy, cfg: Config, x, m, a, logp_old, y, labelled):
-    """--cls-channel policy, on one piece of the side stream: the clipped surrogate with the label as
-    the advantage, +1 for a good step and -1 for a bad one, averaged over the labelled steps."""
-    logp = torch.log_softmax(policy(x, m)[0], -1).gather(1, a[:, None]).squeeze(1)        # (b,)
-    per_sample = clipped_surrogate(logp, logp_old, 1 - 2 * y.float(), cfg.epsilon)
-    return (per_sample * labelled).sum() / labelled.sum().clamp(min=1)
-
-
-def classifier_stream(policy, cfg: Config, x, m, a, logp_old, y, labelled, jdx, params: list) -> tuple:
-    """The side stream's term on its share jdx (b',) of labelled steps, in pieces of minibatch_size samples,
-    so that peak memory is one minibatch's however large b' grows (the last piece is padded with a repeat
-    that carries no weight: every piece has one shape, and glibc's heap then does not fragment and climb).
-    The term is the classifier's loss, or with --cls-channel policy the labels' policy-gradient term.
-    Returns the verdicts c (b',; None without a classifier loss), cls_loss (the mean over jdx, as one
-    forward would give) and the gradient of cls_weight * cls_loss."""
+def classifier_stream(policy, cfg: Config, x, m, a, y, labelled, jdx, params: list) -> tuple:
+    """The classifier's term on its share jdx (b',) of the labelled steps, in pieces of minibatch_size
+    samples, so that peak memory is one minibatch's however large b' grows (the last piece is padded with a
+    repeat that carries no weight: every piece has one shape, and glibc's heap then does not fragment and
+    climb). Returns the verdicts c (b',), cls_loss (the mean over jdx, as one forward would give) and the
+    gradient of cls_weight * cls_loss."""
     c, cls_loss, grads = [], torch.zeros((), device=x.device), [None] * len(params)
     for part in jdx.split(cfg.minibatch_size):                                    # (<= minibatch_size,)
         n = len(part)
         real = torch.arange(cfg.minibatch_size, device=x.device) < n            # (minibatch_size,)
         part = torch.cat([part, part[:1].expand(cfg.minibatch_size - n)])  # one shape for every piece
-        if cfg.cls_channel == "policy":
-            part_loss = labels_through_policy(policy, cfg, x[part], m[part], a[part], logp_old[part], y[part],
-                                              labelled[part] & real) * (n / len(jdx))
-        else:
-            c_part = classifier_verdict(policy, x[part], m[part], a[part])
-            part_loss = classification_loss(c_part, y[part], labelled[part] & real) * (n / len(jdx))
-            c.append(c_part[:n].detach())
+        c_part = policy(x[part], m[part])[2].gather(1, a[part][:, None]).squeeze(1)  # (minibatch_size,) c(s, a)
+        part_loss = classification_loss(c_part, y[part], labelled[part] & real) * (n / len(jdx))
         grads = add_grads(grads, torch.autograd.grad(cfg.cls_weight * part_loss, params, allow_unused=True))
         cls_loss = cls_loss + part_loss.detach()
-    return (torch.cat(c) if c else None), cls_loss, grads
+        c.append(c_part[:n].detach())
+    return torch.cat(c), cls_loss, grads
 
 
-def label_quality(y, labelled, flawed) -> dict:
-    """The side stream's labels on one batch against the oracle's flawed flag, all (S,): the share of
-    steps labelled; among those, how often the label agrees with the oracle; and of "bad", its precision
-    (labelled bad and flawed, over labelled bad) and recall (over flawed). None where undefined."""
-    bad, flawed = labelled & (y > 0), flawed.bool()
-    share = lambda num, den: (num.sum() / den.sum()).item() if den.any() else None  # noqa: E731
-    return {"label_agree": share(labelled & (bad == flawed), labelled),
-            "label_precision": share(bad & flawed, bad), "label_recall": share(bad & flawed, flawed)}
+def grpo_update(run, batch, A, labels) -> list[dict]:
+    """num_iterations epochs of minibatch steps on one batch, with the run's policy, ref, opt and generators;
+    returns what each optimizer step logs (update_stats reduces it). A (S,) is each step's advantage; labels
+    the classifier's (y, labelled), or None without a classifier.
 
-
-def ratio_or_nan(num, den):
-    """num / den, or NaN where den is 0 (the mean over steps skips it: update_stats)."""
-    return torch.where(den > 0, num / den.clamp(min=1e-30), torch.full_like(num, float("nan")))
-
-
-def shared_params(g_pg: list, g_cls: list) -> list[int]:
-    """The indices of the parameters that both streams' gradients reach (the trunk and phi's MLP)."""
-    return [i for i, (p, c) in enumerate(zip(g_pg, g_cls)) if p is not None and c is not None]
-
-
-def clip_stats(g_pg: list, g_cls: list, shared: list[int], norm_pg, norm_cls, max_norm: float) -> dict:
-    """What one optimizer step logs of its two gradients, before clipping: each stream's norm and whether
-    its clip acted, the classifier's norm over the policy gradient's on the parameters both reach, and the
-    factor a single clip of the sum would have put on the policy gradient, relative to its own clip."""
-    own = (max_norm / (norm_pg + 1e-6)).clamp(max=1.0)
-    joint = (max_norm / (total_norm(add_grads(g_pg, g_cls)) + 1e-6)).clamp(max=1.0)
-    ratio = ratio_or_nan(total_norm([g_cls[i] for i in shared]), total_norm([g_pg[i] for i in shared]))
-    return {"cls_grad_norm": norm_cls, "cls_grad_clipped": norm_cls > max_norm, "cls_pg_grad_ratio": ratio,
-            "joint_clip_pg_scale": joint / own}
-
-
-def adam_pg_step_scale(opt, params: list, g_pg: list, shared: list[int]):
-    """How far Adam moves the (clipped) policy gradient g_pg on the shared parameters, relative to an Adam
-    whose second moment had seen the policy gradient alone: ||g_pg / (sqrt(v_hat) + eps)|| over the same
-    with v_pg_hat. Adam's own v averages the squares of the summed gradient; v_pg, the same average of
-    g_pg's squares, is kept beside it in the optimizer's state (so a checkpoint holds it). Called after
-    opt.step() of every optimizer step, so that v_pg advances with v; 1 means the classifier leaves the
-    step's size alone, 0.5 that it halves it. None for an optimizer without second moments, or a step
-    with no classifier share (shared = [])."""
-    mine, alone = [], []
-    for i, g in enumerate(g_pg):
-        state = opt.state[params[i]]
-        if g is None or "exp_avg_sq" not in state:
-            continue
-        beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
-        v_pg = state.setdefault("pg_exp_avg_sq", torch.zeros_like(state["exp_avg_sq"]))
-        v_pg.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if i in shared:
-            correction = 1 - beta2 ** float(state["step"])
-            mine.append(g / ((state["exp_avg_sq"] / correction).sqrt() + eps))
-            alone.append(g / ((v_pg / correction).sqrt() + eps))
-    return ratio_or_nan(total_norm(mine), total_norm(alone)) if mine else None
-
-
-def grpo_update(policy, ref, opt, cfg: Config, batch, A, labels, gen, device, cls_gen=None,
-                label_gen=None) -> dict:
-    """num_iterations epochs of minibatch steps on the batch. A (S,) is each step sample's advantage;
-    labels the side stream's (y, labelled), classifier_labels(cfg, batch, A) when None.
-
-    The policy-gradient stream takes the informative steps (informative_steps) in minibatches drawn
-    with `gen`, exactly as plain GRPO does. Side streams, drawn with their own generator `cls_gen`, are
-    spread over the same optimizer steps: the classifier's labelled steps, and with --shaping the steps
-    of groups that only the shaped reward separates (shaping_steps), which join the policy-gradient
-    minibatches. Neither changes the plain samples, their order or the number of steps. Each stream's
-    gradient is clipped to max_grad_norm on its own and the two are summed into one Adam step, so the
-    classifier never shrinks the policy gradient through the clip (test_fair_update_*). The placebo's
-    permutation is drawn with a third generator, `label_gen`, so that it takes the classifier's very
-    steps. Returns the mean of each logged term and the counts of update_stats()."""
-    x, m = torch.as_tensor(batch["tokens"], device=device), torch.as_tensor(batch["mask"], device=device)
-    a, logp_old = (torch.as_tensor(batch[k], device=device) for k in ("action", "logp"))
+    The policy-gradient stream takes the informative steps in minibatches drawn with run.gen, exactly as
+    plain GRPO does. The labelled steps, drawn with the classifier's own run.cls_gen, are spread over the
+    same optimizer steps: they change neither the plain samples, their order, nor the number of steps."""
+    policy, cfg, device = run.policy, run.cfg, A.device
+    x, m, a, logp_old = (torch.as_tensor(batch[k], device=device) for k in ("tokens", "mask", "action", "logp"))
     flawed = torch.as_tensor(batch["flawed"], device=device)
     params = list(policy.parameters())
     pg_idx = torch.as_tensor(informative_steps(batch, cfg.num_generations), device=device)     # (S_pg,)
-    cls_gen = cls_gen or torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    shaped_idx = torch.as_tensor(shaping_steps(batch, cfg.num_generations) if cfg.shaping != "none"
-                                 else np.zeros(0, dtype=np.int64), device=device)              # (S_shaped,)
-    side, y, labelled, quality = policy.with_classifier, None, None, {}  # a side stream on labelled steps
-    if side:
-        y, labelled = labels if labels is not None else classifier_labels(cfg, batch, A, device)
-        if cfg.cls_channel == "placebo":
-            label_gen = label_gen or torch.Generator(device=device).manual_seed(cfg.seed + 2)
-            y = placebo_labels(y, labelled, label_gen)
-        cls_idx = torch.nonzero(labelled).squeeze(1)                                           # (S_cls,)
-        quality = label_quality(y, labelled, flawed) if batch["has_oracle"] else {}
-    if len(pg_idx) == 0:  # every outcome tied: nothing to learn, no step taken
-        return update_stats([], cfg, batch, policy, ref, labelled, n_informative=0) | quality
     logs = []
-    for _ in range(cfg.num_iterations):
-        order = torch.randperm(len(pg_idx), device=device, generator=gen)
+    for _ in range(cfg.num_iterations if len(pg_idx) else 0):  # every outcome tied: nothing to learn
+        order = torch.randperm(len(pg_idx), device=device, generator=run.gen)
         pg_batches = pg_idx[order].split(cfg.minibatch_size)
-        if len(shaped_idx):  # the shaped-only steps, in as many parts, join the policy-gradient minibatches
-            order = torch.randperm(len(shaped_idx), device=device, generator=cls_gen)
-            parts = shaped_idx[order].tensor_split(len(pg_batches))
-            pg_batches = [torch.cat(p) for p in zip(pg_batches, parts)]
         cls_batches = [None] * len(pg_batches)
-        if side:  # the labelled steps, in as many shares as the policy stream has minibatches
-            order = torch.randperm(len(cls_idx), device=device, generator=cls_gen)
+        if labels is not None:  # the labelled steps, in as many shares as the policy stream has minibatches
+            cls_idx = torch.nonzero(labels[1]).squeeze(1)                                       # (S_cls,)
+            order = torch.randperm(len(cls_idx), device=device, generator=run.cls_gen)
             cls_batches = cls_idx[order].tensor_split(len(pg_batches))
         for idx, jdx in zip(pg_batches, cls_batches):                      # (b,) and (b',) sample indices
-            t = policy_terms(policy, ref, cfg, x[idx], m[idx], a[idx], logp_old[idx], A[idx])
-            g_pg = torch.autograd.grad(t["pg_loss"] + cfg.beta * t["kl"], params, allow_unused=True)
-            g_pg_clipped, t["grad_norm"] = clip_to_norm(g_pg, cfg.max_grad_norm)
-            grads, t["c"], t["cls_loss"] = g_pg_clipped, None, torch.zeros((), device=device)
-            t["cls_grad_norm"], shared = torch.zeros((), device=device), []
+            pg = policy_terms(policy, run.ref, cfg, x[idx], m[idx], a[idx], logp_old[idx], A[idx])
+            g_pg = torch.autograd.grad(pg["pg_loss"] + cfg.beta * pg["kl"], params, allow_unused=True)
+            g_pg, pg_norm = clip_to_norm(g_pg, cfg.max_grad_norm)
+            c, g_cls = None, [None] * len(params)
+            cls_loss, cls_norm = torch.zeros((), device=device), torch.zeros((), device=device)
             if jdx is not None and len(jdx):
-                t["c"], t["cls_loss"], g_cls = classifier_stream(policy, cfg, x, m, a, logp_old, y, labelled,
-                                                                 jdx, params)
-                g_cls_clipped, norm_cls = clip_to_norm(g_cls, cfg.max_grad_norm)
-                grads = add_grads(grads, g_cls_clipped)
-                shared = shared_params(g_pg, g_cls)
-                t |= clip_stats(g_pg, g_cls, shared, t["grad_norm"], norm_cls, cfg.max_grad_norm)
-                t["side"] = True
-            for p, grad in zip(params, grads):  # clip(grad(pg_loss + beta * kl)) + clip(grad(w * cls_loss))
+                c, cls_loss, g_cls = classifier_stream(policy, cfg, x, m, a, *labels, jdx, params)
+                g_cls, cls_norm = clip_to_norm(g_cls, cfg.max_grad_norm)
+            # The paper's loss, pg_loss + beta * kl + cls_weight * cls_loss, as this step's gradient. It is not one
+            # loss.backward(): each stream is clipped on its own (deviation 5), so the classifier never shrinks
+            # the policy step.
+            grads = add_grads(g_pg, g_cls)  # = clip(grad(pg_loss + beta * kl)) + clip(grad(cls_weight * cls_loss))
+            for p, grad in zip(params, grads):
                 p.grad = grad
-            opt.step()
-            if side:  # every step: the shadow second moment keeps pace with Adam's own
-                t["adam_pg_step_scale"] = adam_pg_step_scale(opt, params, g_pg_clipped, shared)
-            side_flawed, side_y = (flawed[jdx], y[jdx]) if t.get("side") else (None, None)
-            logs.append(opt_step_stats(t, cfg, m[idx], logp_old[idx], side_flawed, side_y))
-    return update_stats(logs, cfg, batch, policy, ref, labelled, len(pg_idx) + len(shaped_idx)) | quality
+            run.opt.step()
+            side = c is not None  # this step had a share of the labelled steps
+            logs.append({k: v.detach() for k, v in pg.items()} | {
+                "pg_grad_norm": pg_norm, "cls_loss": cls_loss, "cls_grad_norm": cls_norm, "c": c,
+                "y": labels[0][jdx] if side else None, "flawed": flawed[jdx] if side else None})
+    return logs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -947,55 +560,7 @@ def probe_diagnostics(policy, tok, probes, device, use_mask=True) -> dict:
     return {"probe_flawed_prob": float(np.mean(flawed_prob)), "probe_flawed_probs": flawed_prob,
             "grad_cos_twin": float(np.mean(grad_cos)), "grad_cos_twin_each": grad_cos,
             "embed_cos_good_bad": float(np.mean(embed_cos)), "embed_cos_each": embed_cos,
-            "probe_action_probs": action_probs,
-            "probe_control_probs": control_prob}
-
-
-def pair_diagnostics(policy, tok, pairs: list, device, use_mask=True, with_grads=False) -> dict:
-    """Over P sampled twin pairs (s_good, s_flawed, a), per pair: pi(a|s_good), pi(a|s_flawed), the mean
-    pi at s_flawed of the other flawed actions (the control), and the cosine of phi(s_good, a) and
-    phi(s_flawed, a). with_grads adds the cosine of the gradients of log pi(a|s_good) and log pi(a|s_flawed),
-    the overlap that carries coupling: one backward pass per observation, 2P of them (torch.func.vmap
-    over this model's attention backward was 3x slower on the CPU)."""
-    obs = [p[k] for p in pairs for k in ("obs_good", "obs_flawed")]
-    x = torch.as_tensor(np.stack([tok.encode(o) for o in obs]), device=device)            # (2P, L)
-    masks = np.stack([p[k] for p in pairs for k in ("mask_good", "mask_flawed")]).astype(bool)
-    m = torch.as_tensor(masks if use_mask else np.ones_like(masks), device=device)        # (2P, n_act)
-    a = torch.as_tensor([p["action"] for p in pairs], device=device)                     # (P,)
-    with torch.no_grad():
-        out = [policy(xc, mc) for xc, mc in zip(x.split(FORWARD_CHUNK), m.split(FORWARD_CHUNK))]
-        pi = torch.softmax(torch.cat([o[0] for o in out]), -1).view(len(pairs), 2, -1)   # (P, 2, A)
-        phi = torch.cat([o[1] for o in out])                                              # (2P, n_act, d)
-        phi = phi.view(len(pairs), 2, *phi.shape[1:])                                     # (P, 2, A, d)
-    rows = torch.arange(len(pairs), device=device)
-    others = torch.as_tensor(np.stack([p["flawed_at_twin"] for p in pairs]), device=device).clone()
-    others[rows, a] = False                                                               # (P, n_act)
-    control = (pi[:, 1] * others).sum(1) / others.sum(1).clamp(min=1)
-    sig = lambda t: [float(f"{v:.6g}") for v in t.tolist()]  # noqa: E731  (tail probabilities keep digits)
-    row = {"pair_good_probs": sig(pi[rows, 0, a]), "pair_flawed_probs": sig(pi[rows, 1, a]),
-           "pair_control_probs": [v if n else None for v, n in zip(sig(control), others.sum(1).tolist())],
-           "pair_embed_cos": sig(F.cosine_similarity(phi[rows, 0, a], phi[rows, 1, a], dim=-1)),
-           "pair_flawed_prob": float(pi[rows, 1, a].mean())}
-    if with_grads:
-        params = [q for n, q in policy.named_parameters() if not n.startswith("cls_")]  # what pi reads
-        grads = []
-        for i in range(len(obs)):                                                         # (2P, n_params)
-            logp = torch.log_softmax(policy(x[i:i + 1], m[i:i + 1])[0], -1)[0, a[i // 2]]
-            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(logp, params)]))
-        grads = torch.stack(grads).view(len(pairs), 2, -1)
-        row["pair_grad_cos"] = sig(F.cosine_similarity(grads[:, 0], grads[:, 1], dim=-1))
-    return row
-
-
-def evaluate(policy, tok, eval_envs, gen, device, use_mask=True) -> dict:
-    """Sampled (not greedy) episodes on fixed tasks 0..n-1: greedy decoding would hide the flawed
-    actions that the policy still takes with small probability."""
-    n, ours = len(eval_envs), eval_envs[0].unwrapped.spec.id.startswith("grpo_cls/")
-    b = rollout(policy, eval_envs, tok, tasks=np.arange(n) if ours else None, seeds=np.arange(n) + 10**6,
-                gen=gen, device=device, use_mask=use_mask)
-    return {"success": float(b["success"].mean()) if b["has_success"] else None,
-            "flawed": float(b["flawed"].mean()) if b["has_oracle"] else None,
-            "return": float(b["reward"].mean()), "transcript": b["transcript"]}
+            "probe_action_probs": action_probs, "probe_control_probs": control_prob}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1058,10 +623,8 @@ ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "su
             "embed_cos_good_bad", "embed_cos_each", "probe_action_probs", "pair_good_probs",
             "pair_flawed_probs", "pair_control_probs", "pair_embed_cos", "pair_grad_cos",
             "pair_flawed_prob", "adv_flawed_mean", "adv_good_mean", "zero_std_frac", "pg_loss", "cls_loss",
-            "kl", "entropy", "clip_frac", "cls_acc", "cls_oracle_acc", "cls_labelled_frac", "label_agree",
-            "label_precision", "label_recall", "pg_grad_norm",
-            "grad_clipped_frac", "cls_grad_norm", "cls_grad_clipped_frac", "cls_pg_grad_ratio",
-            "joint_clip_pg_scale", "adam_pg_step_scale", "cos_v_w", "eval_return", "ood_eval_return",
+            "kl", "entropy", "clip_frac", "cls_acc", "cls_oracle_acc", "cls_labelled_frac", "pg_grad_norm",
+            "grad_clipped_frac", "cos_v_w", "eval_return", "ood_eval_return",
             "update_samples", "opt_steps", "rss_mib", "peak_rss_mib", "time_rollout_s", "time_update_s",
             "time_eval_s", "time_diag_s")
 
@@ -1080,9 +643,7 @@ def check_label_source(cfg: Config, env: gym.Env):
     has_oracle = "flawed" in env.reset(seed=0)[1]
     if cfg.cls_labels == "oracle" and cfg.cls_weight > 0 and not has_oracle:
         raise TrainingError(f"--cls-labels oracle (the default) needs info['flawed'], which {cfg.env} does "
-                            f"not give; choose --cls-labels advantage, step or loop")
-    if cfg.shaping == "oracle" and not has_oracle:
-        raise TrainingError(f"--shaping oracle needs info['flawed'], which {cfg.env} does not give")
+                            f"not give; choose --cls-labels advantage")
 
 
 def check_finite(stats: dict, it: int, cfg: Config):
@@ -1099,11 +660,81 @@ def pick_device(asked: str) -> str:
     return "cuda" if asked == "cuda" or (asked == "auto" and torch.cuda.is_available()) else "cpu"
 
 
+# -- what an update logs --------------------------------------------------------------------------
+
+CHECKED = ("pg_loss", "cls_loss", "kl", "pg_grad_norm", "cls_grad_norm")  # NaN or inf in any stops a run
+
+
+def update_stats(logs: list[dict], run, batch, labels) -> dict:
+    """Means over the update's optimizer steps of what grpo_update logged, with one host sync. "nonfinite"
+    names the first term that was NaN or infinite in the first step that had one (None if all were finite).
+    The classifier's accuracy counts its verdicts (c > 0 means bad) against its labels and the oracle."""
+    cfg, policy = run.cfg, run.policy
+    out = {k: None for k in ("pg_loss", "entropy", "clip_frac", "kl", "cls_loss", "cls_acc", "cls_oracle_acc",
+                             "nonfinite", "pg_grad_norm", "grad_clipped_frac", "cos_v_w")}
+    if logs:  # every group tied: no step was taken
+        mean = lambda k: torch.stack([s[k] for s in logs]).mean().item()  # noqa: E731
+        out |= {k: mean(k) for k in ("pg_loss", "entropy", "clip_frac", "pg_grad_norm")}
+        out["grad_clipped_frac"] = torch.stack([(s["pg_grad_norm"] > cfg.max_grad_norm).double()
+                                                for s in logs]).mean().item()
+        out["kl"] = mean("kl") if run.ref is not None else None
+        finite = torch.stack([torch.stack([torch.isfinite(s[k]).all() for k in CHECKED]) for s in logs])
+        first_bad = next((row for row in finite.tolist() if not all(row)), None)  # later steps inherit it
+        out["nonfinite"] = CHECKED[first_bad.index(False)] if first_bad else None
+    classified = [s for s in logs if s["c"] is not None]  # the steps with a share of the labelled steps
+    if classified:
+        total = lambda rows: torch.stack(rows).sum().item()  # noqa: E731
+        n = total([torch.tensor(len(s["y"]), device=s["y"].device) for s in classified])
+        out["cls_acc"] = total([((s["c"] > 0) == (s["y"] > 0)).sum() for s in classified]) / n
+        out["cls_oracle_acc"] = (total([((s["c"] > 0) == s["flawed"]).sum() for s in classified]) / n
+                                 if batch["has_oracle"] else None)
+        out["cls_loss"] = torch.stack([s["cls_loss"] for s in classified]).mean().item()
+    if policy.with_classifier:  # v and w, the two heads that read phi(s, a)
+        out["cos_v_w"] = F.cosine_similarity(policy.cls_head.weight, policy.policy_head.weight).item()
+    n_informative = len(informative_steps(batch, cfg.num_generations))
+    return out | {"cls_labelled_frac": labels[1].float().mean().item() if labels is not None else None,
+                  "update_samples": n_informative * cfg.num_iterations, "opt_steps": len(logs)}
+
+
+def batch_stats(batch, R, A) -> dict:
+    """What the rollout and the advantages log: success, flawed rate, and the mean advantage of flawed and
+    of good steps (Lemma 3.1 says the first is negative in expectation)."""
+    A_steps, flawed = A.cpu().numpy(), batch["flawed"] if batch["has_oracle"] else None
+    return {"train_success_rate": float(batch["success"].mean()) if batch["has_success"] else None,
+            "train_invalid_rate": float(1 - batch["admissible"].mean()) if batch["has_mask"] else None,
+            "train_flawed_rate": float(flawed.mean()) if flawed is not None else None,
+            "adv_flawed_mean": float(A_steps[flawed].mean()) if flawed is not None and flawed.any() else None,
+            "adv_good_mean": float(A_steps[~flawed].mean()) if flawed is not None and (~flawed).any()
+            else None,
+            "zero_std_frac": float((R.std(dim=1) == 0).float().mean())}
+
+
 # -- the envs and the run's objects -----------------------------------------------------------------
 
 def is_ours(cfg: Config) -> bool:
     """Our envs take options={"task": k} and split=; any other env is reset from a seed alone."""
     return cfg.env.startswith("grpo_cls/")
+
+
+def check_env(cfg: Config):
+    """Refuse, with a one-line ValueError, an env that is not registered or that its keyword arguments do not
+    fit: the env's own constructor is their only judge."""
+    if cfg.env not in gym.registry:
+        raise ValueError(f"--env {cfg.env!r} is not registered; use 'grid', 'text' or a gymnasium id")
+    try:
+        kwargs = json.loads(cfg.env_kwargs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--env-kwargs is not valid JSON ({e.msg}); "
+                         f"give an object like '{{\"is_slippery\": false}}'")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--env-kwargs must be a JSON object, got {cfg.env_kwargs!r}")
+    try:
+        gym.make(cfg.env, **kwargs).close()
+    except Exception as e:
+        why = str(e).splitlines()[0][:200]
+        if kwargs:
+            raise ValueError(f"--env-kwargs {cfg.env_kwargs} do not fit {cfg.env}: {why}")
+        raise ValueError(f"--env {cfg.env} cannot be made: {why}")
 
 
 def make_envs(cfg: Config, n: int, split: str = "train") -> list[gym.Env]:
@@ -1121,17 +752,66 @@ def build(cfg: Config):
     torch.set_num_threads(cfg.threads)
     device = torch.device(pick_device(cfg.device))
     try:
+        check_env(cfg)
         tok = Tokenizer(make_envs(cfg, 1)[0])
     except ValueError as e:
-        raise TrainingError(f"--env {cfg.env}: {e}")
+        raise TrainingError(str(e) if str(e).startswith("--env") else f"--env {cfg.env}: {e}")
     policy = Policy(len(tok.words), tok.seq_len, tok.action_tokens, cfg.d_model, cfg.n_layers, cfg.n_heads,
-                    with_classifier=cfg.cls_weight > 0, cls_design=cfg.cls_design).to(device)
+                    with_classifier=cfg.cls_weight > 0).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     return device, tok, policy, gen, np.random.default_rng(cfg.seed)
 
 
-# -- evaluation on fixed tasks -------------------------------------------------------------------
+# -- evaluation on fixed tasks, and the twin pairs it reads -----------------------------------------
+
+def pair_diagnostics(policy, tok, pairs: list, device, use_mask=True, with_grads=False) -> dict:
+    """Over P sampled twin pairs (s_good, s_flawed, a), per pair: pi(a|s_good), pi(a|s_flawed), the mean
+    pi at s_flawed of the other flawed actions (the control), and the cosine of phi(s_good, a) and
+    phi(s_flawed, a). with_grads adds the cosine of the gradients of log pi(a|s_good) and log pi(a|s_flawed),
+    the overlap that carries coupling: one backward pass per observation, 2P of them (torch.func.vmap
+    over this model's attention backward was 3x slower on the CPU)."""
+    obs = [p[k] for p in pairs for k in ("obs_good", "obs_flawed")]
+    x = torch.as_tensor(np.stack([tok.encode(o) for o in obs]), device=device)            # (2P, L)
+    masks = np.stack([p[k] for p in pairs for k in ("mask_good", "mask_flawed")]).astype(bool)
+    m = torch.as_tensor(masks if use_mask else np.ones_like(masks), device=device)        # (2P, n_act)
+    a = torch.as_tensor([p["action"] for p in pairs], device=device)                     # (P,)
+    with torch.no_grad():
+        out = [policy(xc, mc) for xc, mc in zip(x.split(FORWARD_CHUNK), m.split(FORWARD_CHUNK))]
+        pi = torch.softmax(torch.cat([o[0] for o in out]), -1).view(len(pairs), 2, -1)   # (P, 2, A)
+        phi = torch.cat([o[1] for o in out])                                              # (2P, n_act, d)
+        phi = phi.view(len(pairs), 2, *phi.shape[1:])                                     # (P, 2, A, d)
+    rows = torch.arange(len(pairs), device=device)
+    others = torch.as_tensor(np.stack([p["flawed_at_twin"] for p in pairs]), device=device).clone()
+    others[rows, a] = False                                                               # (P, n_act)
+    control = (pi[:, 1] * others).sum(1) / others.sum(1).clamp(min=1)
+    sig = lambda t: [float(f"{v:.6g}") for v in t.tolist()]  # noqa: E731  (tail probabilities keep digits)
+    row = {"pair_good_probs": sig(pi[rows, 0, a]), "pair_flawed_probs": sig(pi[rows, 1, a]),
+           "pair_control_probs": [v if n else None for v, n in zip(sig(control), others.sum(1).tolist())],
+           "pair_embed_cos": sig(F.cosine_similarity(phi[rows, 0, a], phi[rows, 1, a], dim=-1)),
+           "pair_flawed_prob": float(pi[rows, 1, a].mean())}
+    if with_grads:
+        params = [q for n, q in policy.named_parameters() if not n.startswith("cls_")]  # what pi reads
+        grads = []
+        for i in range(len(obs)):                                                         # (2P, n_params)
+            logp = torch.log_softmax(policy(x[i:i + 1], m[i:i + 1])[0], -1)[0, a[i // 2]]
+            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(logp, params)]))
+        grads = torch.stack(grads).view(len(pairs), 2, -1)
+        row["pair_grad_cos"] = sig(F.cosine_similarity(grads[:, 0], grads[:, 1], dim=-1))
+    return row
+
+
+def evaluate(policy, tok, eval_envs, gen, device, use_mask=True) -> dict:
+    """Sampled (not greedy) episodes on fixed tasks 0..n-1: greedy decoding would hide the flawed
+    actions that the policy still takes with small probability."""
+    n, ours = len(eval_envs), eval_envs[0].unwrapped.spec.id.startswith("grpo_cls/")
+    b = rollout(policy, eval_envs, tok, tasks=np.arange(n) if ours else None, seeds=np.arange(n) + 10**6,
+                gen=gen, device=device, use_mask=use_mask)
+    return {"success": float(b["success"].mean()) if b["has_success"] else None,
+            "flawed": float(b["flawed"].mean()) if b["has_oracle"] else None,
+            "return": float(b["reward"].mean()), "transcript": b["transcript"]}
+
+
 
 class Evaluation:
     """The fixed in-domain and held-out tasks, the twin probes, and a generator reseeded at every call so
@@ -1155,11 +835,17 @@ class Evaluation:
             with open(os.path.join(self.cfg.out, f"episode_{prefix or 'train_'}iter{it:04d}.txt"), "w") as f:
                 f.write(r["transcript"] + "\n")
         t1 = time.perf_counter()
+        row |= self.twins(policy, with_grads=True)  # the gradient cosines (2P backward passes) at evaluations only
+        return row | {"time_eval_s": round(t1 - t0, 4), "time_diag_s": round(time.perf_counter() - t1, 4)}
+
+    def twins(self, policy, with_grads: bool = False) -> dict:
+        """The readings at the twin probes and the sampled twin pairs ({} where the env has neither)."""
+        row = {}
         if self.probes:
             row |= probe_diagnostics(policy, self.tok, self.probes, self.device, self.use_mask)
-        if self.pairs:  # with the gradient cosines (2P backward passes) at evaluations only
-            row |= pair_diagnostics(policy, self.tok, self.pairs, self.device, self.use_mask, with_grads=True)
-        return row | {"time_eval_s": round(t1 - t0, 4), "time_diag_s": round(time.perf_counter() - t1, 4)}
+        if self.pairs:
+            row |= pair_diagnostics(policy, self.tok, self.pairs, self.device, self.use_mask, with_grads)
+        return row
 
 
 # -- the run's state, its log and its checkpoints ---------------------------------------------------
@@ -1173,16 +859,23 @@ class RunState:
     ref: nn.Module | None
     gen: torch.Generator
     rng: np.random.Generator
-    cls_gen: torch.Generator
-    label_gen: torch.Generator | None = None  # --cls-channel placebo's permutations
+    cls_gen: torch.Generator  # the classifier's own sample stream
     metrics: list = field(default_factory=list)
 
 
+def side_generators(run: RunState) -> dict:
+    """The run's torch generators other than gen, by field name: cls_gen, and any a study's RunState adds."""
+    return {f.name: getattr(run, f.name) for f in dataclasses.fields(run)
+            if f.name != "gen" and isinstance(getattr(run, f.name), torch.Generator)}
+
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The fields only the lab's runs have (studies/arms.py), at the values that leave this file's method as it
+# is. A stored run with another value there was trained by the lab: --resume and --baseline refuse it.
+LAB_FIELDS_OFF = {"adv": "grpo", "cls_design": "shared", "cls_channel": "head", "shaping": "none"}
 UPDATE_VERSION = 2  # config.json's "update": 2 clips each stream on its own; a run without it had one clip
-NOT_COMPARED = ("cls_weight", "cls_labels", "cls_design", "cls_channel", "out", "overwrite", "resume",
-                "quiet",
-                "no_plots", "baseline", "device", "threads", "twin_pairs")  # where a baseline may differ
+NOT_COMPARED = ("cls_weight", "cls_labels", "out", "overwrite", "resume", "quiet", "no_plots", "baseline",
+                "device", "threads", "twin_pairs")  # where a baseline may differ
 
 
 def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | None:
@@ -1204,6 +897,7 @@ def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | 
     else:
         mine = dataclasses.asdict(cfg)
         differ = [k for k in mine if k not in NOT_COMPARED and saved.get(k, getattr(Config, k)) != mine[k]]
+        differ += [k for k, off in LAB_FIELDS_OFF.items() if k not in mine and saved.get(k, off) != off]
         same_start = all(rows[0].get(k) == metrics[0].get(k) for k in ("success_rate", "flawed_rate",
                                                                       "probe_flawed_prob"))
         old = saved.get("update", 1) != UPDATE_VERSION
@@ -1278,7 +972,7 @@ def ctrl_c_stops_the_run():
 
 def release_free_memory():
     """glibc keeps freed heap pages, and batches of varying size fragment the heap: without this, RSS
-    climbs ~30% over 50 iterations with no leak at all (bench.py measures it). malloc_trim hands the
+    climbs ~30% over 50 iterations with no leak at all (studies/bench.py measures it). malloc_trim hands the
     free pages back to the OS. A no-op where there is no glibc."""
     try:
         import ctypes
@@ -1298,8 +992,7 @@ def memory_mib() -> dict:
 
 
 # fields that fix the model's shape or the meaning of its state: a resume may not change them
-SHAPE_FIELDS = ("env", "env_kwargs", "d_model", "n_layers", "n_heads", "tasks_per_iter", "num_generations",
-                "cls_design")
+SHAPE_FIELDS = ("env", "env_kwargs", "d_model", "n_layers", "n_heads", "tasks_per_iter", "num_generations")
 
 
 def save_checkpoint(run: RunState):
@@ -1308,8 +1001,8 @@ def save_checkpoint(run: RunState):
     torch.save({"model": run.policy.state_dict(), "optimizer": run.opt.state_dict(),
                 "ref": run.ref.state_dict() if run.ref is not None else None,
                 "rng": {"numpy": run.rng.bit_generator.state, "torch_gen": run.gen.get_state(),
-                        "torch": torch.get_rng_state(), "cls_gen": run.cls_gen.get_state(),
-                        "label_gen": run.label_gen.get_state() if run.label_gen is not None else None},
+                        "torch": torch.get_rng_state(),
+                        **{name: g.get_state() for name, g in side_generators(run).items()}},
                 "iter": run.metrics[-1]["iter"], "metrics": run.metrics,
                 "config": dataclasses.asdict(run.cfg), "update": UPDATE_VERSION}, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -1348,10 +1041,9 @@ def restore(ckpt: dict, run: RunState) -> list[dict]:
     run.rng.bit_generator.state = ckpt["rng"]["numpy"]
     run.gen.set_state(ckpt["rng"]["torch_gen"])
     torch.set_rng_state(ckpt["rng"]["torch"])
-    if "cls_gen" in ckpt["rng"]:  # an iteration-0 checkpoint written before any classifier existed lacks it
-        run.cls_gen.set_state(ckpt["rng"]["cls_gen"])
-    if ckpt["rng"].get("label_gen") is not None and run.label_gen is not None:  # older ones lack it too
-        run.label_gen.set_state(ckpt["rng"]["label_gen"])
+    for name, g in side_generators(run).items():  # an iteration-0 checkpoint of an older run may lack one
+        if ckpt["rng"].get(name) is not None:
+            g.set_state(ckpt["rng"][name])
     return list(ckpt["metrics"])
 
 
@@ -1437,6 +1129,7 @@ def plot_run(metrics: list[dict], out: str, baseline=None):
 class RunLog:
     """The run folder's metrics.jsonl, config.json and checkpoint, the progress bar and the phase clocks.
     A context manager: the files and the bar are closed however the run ends."""
+    row_keys = ROW_KEYS  # every field of a metrics row, None where an iteration has no value
 
     def __init__(self, run: RunState, checkpoint: dict | None):
         self.run, self.cfg, self.ckpt = run, run.cfg, checkpoint
@@ -1470,9 +1163,9 @@ class RunLog:
         if os.path.exists(os.path.join(cfg.out, "summary.json")):
             os.remove(os.path.join(cfg.out, "summary.json"))  # this run has not finished yet
         if not run.metrics:
-            self.append({"iter": 0, "env_steps": 0} | {k: None for k in ROW_KEYS} | first_row())
+            self.append({"iter": 0, "env_steps": 0} | {k: None for k in self.row_keys} | first_row())
         if not run.metrics or not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-            self.checkpoint()  # iteration 0, or a start from another folder's checkpoint (compare.py)
+            self.checkpoint()  # iteration 0, or a start from another folder's checkpoint (studies/store.py)
         self.saved = run.metrics[-1]["iter"]
 
     def iterations(self, stop):
@@ -1500,7 +1193,7 @@ class RunLog:
     def write(self, it: int, batch, R, A, stats: dict):
         """One iteration's row: the batch, the update's terms, the clocks and the memory."""
         env_steps = self.run.metrics[-1]["env_steps"] + len(batch["action"])
-        self.append({k: None for k in ROW_KEYS} | {"iter": it, "env_steps": env_steps}
+        self.append({k: None for k in self.row_keys} | {"iter": it, "env_steps": env_steps}
                     | batch_stats(batch, R, A) | stats | self.times | memory_mib())
         self.times = {}
 
@@ -1516,7 +1209,7 @@ class RunLog:
 
     def finish(self, stop) -> dict:
         """The summary and the plots; after a first Ctrl-C, the last iteration checkpointed before them,
-        and Interrupted. summary.json is written only by a run that reached --iters (compare.py reads
+        and Interrupted. summary.json is written only by a run that reached --iters (studies/store.py reads
         it as "finished")."""
         cfg, metrics = self.cfg, self.run.metrics
         stopped = stop.requested and metrics[-1]["iter"] < cfg.iters
@@ -1561,8 +1254,7 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
     check_label_source(cfg, train_envs[0])
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     cls_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the classifier's own sample stream
-    label_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # the placebo's permutations
-    run = RunState(cfg, policy, opt, ref=None, gen=gen, rng=rng, cls_gen=cls_gen, label_gen=label_gen)
+    run = RunState(cfg, policy, opt, ref=None, gen=gen, rng=rng, cls_gen=cls_gen)
     with ctrl_c_stops_the_run() as stop, RunLog(run, checkpoint) as log:
         if checkpoint is None:
             cold_start(policy, cfg, train_envs, tok, rng, gen, device)
@@ -1572,31 +1264,25 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
             # 1. rollout: G trajectories from identical initial states of each of K tasks
             with log.timer("rollout"):
                 batch = rollout(policy, train_envs, tok, *group_instances(cfg, rng), gen, device,
-                                use_mask=cfg.action_mask == "env",
-                                keys=cfg.cls_labels.startswith("loop") or cfg.shaping == "loop")
-            # 2. advantages: one reward per trajectory (outcome, or shaped), for every one of its steps;
-            #    and the side stream's labels, one per step
-            batch["shaped_reward"] = shaped_rewards(cfg, batch)  # (K*G,) the outcome reward, unless --shaping
-            R = torch.as_tensor(batch["shaped_reward"], dtype=torch.float32, device=device).view(K, G)
-            A_traj = group_advantages(R, cfg.scale_rewards).view(-1)                              # (K*G,)
-            A = step_advantages(cfg, batch, A_traj, device)                                       # (S,)
-            labels = classifier_labels(cfg, batch, A, device) if cfg.cls_weight > 0 else None   # (y, labelled)
+                                use_mask=cfg.action_mask == "env")
+            # 2. advantages: one outcome reward per trajectory, its advantage given to every one of its steps;
+            #    and the classifier's labels, one per step
+            R = torch.as_tensor(batch["reward"], dtype=torch.float32, device=device).view(K, G)
+            A_traj = group_advantages(R, cfg.scale_rewards).view(-1)                                   # (K*G,)
+            A = A_traj[torch.as_tensor(batch["traj"], device=device)]            # (S,) its trajectory's A
+            labels = classifier_labels(cfg, batch, A) if cfg.cls_weight > 0 else None   # (y, labelled)
             # 3. update, at a learning rate annealed linearly to 0 over the run
             for group in run.opt.param_groups:
                 group["lr"] = cfg.lr * (1 - (it - 1) / cfg.iters if cfg.anneal_lr else 1)
             with log.timer("update"):
-                stats = grpo_update(policy, run.ref, run.opt, cfg, batch, A, labels, gen, device, run.cls_gen,
-                                    run.label_gen)
+                stats = update_stats(grpo_update(run, batch, A, labels), run, batch, labels)
             check_finite(stats, it, cfg)  # a NaN stops the run here; the last checkpoint stays as it was
             # 4. evaluation every eval_every iterations; between them, the twin probes and pairs every diag_every
             if it % cfg.eval_every == 0 or it == cfg.iters:
                 stats |= evaluation(policy, it)
             elif (evaluation.probes or evaluation.pairs) and it % cfg.diag_every == 0:
                 with log.timer("diag"):  # forward passes only: no random stream is touched
-                    if evaluation.probes:
-                        stats |= probe_diagnostics(policy, tok, evaluation.probes, device, evaluation.use_mask)
-                    if evaluation.pairs:
-                        stats |= pair_diagnostics(policy, tok, evaluation.pairs, device, evaluation.use_mask)
+                    stats |= evaluation.twins(policy)
             # 5. log, and checkpoint at each evaluation and on Ctrl-C
             log.write(it, batch, R, A, stats)
             if it % cfg.eval_every == 0 or it == cfg.iters or stop.requested:
@@ -1614,12 +1300,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def make_parser(defaults: bool = True) -> argparse.ArgumentParser:
-    """argparse from the Config fields. With defaults=False, only the flags actually given are set."""
-    parser = OneLineParser(prog="grpo_cls.py", description=__doc__.split("\n")[0],
+def make_parser(defaults: bool = True, config=Config, prog: str = "grpo_cls.py") -> argparse.ArgumentParser:
+    """argparse from the fields of `config` (Config, or a study's extension of it). With defaults=False, only
+    the flags actually given are set."""
+    parser = OneLineParser(prog=prog, description=__doc__.split("\n")[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            argument_default=None if defaults else argparse.SUPPRESS)
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(config):
         flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"], default=default)
@@ -1643,15 +1330,20 @@ def check_resume(saved: dict, given: dict):
                             f"the learning rate anneals over them; resume with --anneal-lr 0, or start anew")
 
 
-def parse_args(argv=None) -> tuple[Config, dict | None]:
+def parse_args(argv=None, config=Config, prog: str = "grpo_cls.py") -> tuple[Config, dict | None]:
     """The config, and the checkpoint to continue from when --resume is given."""
-    parser = make_parser()
+    parser = make_parser(config=config, prog=prog)
     args = vars(parser.parse_args(argv))
     checkpoint = None
     try:
         if args["resume"]:
             checkpoint = load_checkpoint(args["resume"])
-            given = vars(make_parser(defaults=False).parse_args(argv))
+            lab = [f"{k}={v!r}" for k, off in LAB_FIELDS_OFF.items() if k not in args
+                   and (v := checkpoint["config"].get(k, off)) != off]
+            if lab:
+                raise TrainingError(f"the checkpoint was trained by the lab ({', '.join(lab)}); resume it with "
+                                    f"python -m studies.arms --resume {args['resume']}")
+            given = vars(make_parser(defaults=False, config=config, prog=prog).parse_args(argv))
             if "env" in given:
                 given["env"] = ENV_ALIASES.get(given["env"], given["env"])
             saved = {k: v for k, v in checkpoint["config"].items() if k in args}
@@ -1659,10 +1351,12 @@ def parse_args(argv=None) -> tuple[Config, dict | None]:
                 saved["env_kwargs"])
             if same_json:  # '{"a": 1}' and '{"a":1}' are the same kwargs
                 given["env_kwargs"] = saved["env_kwargs"]
-            saved = {k: getattr(Config, k) for k in args if k in SHAPE_FIELDS} | saved  # older runs lack some
+            saved = {k: getattr(config, k) for k in args if k in SHAPE_FIELDS} | saved  # older runs lack some
             check_resume(saved, given)
             args = saved | given | {"out": args["resume"], "overwrite": True}
-        return Config(**args), checkpoint
+        cfg = config(**args)
+        check_env(cfg)
+        return cfg, checkpoint
     except (ValueError, TrainingError) as e:
         parser.error(str(e))
 
@@ -1692,35 +1386,35 @@ def print_summary(s: dict, cfg: Config):
             print(f"  {name:32}{f(s[k]):>10}{f(s['baseline_' + k]):>12}")
     print(f"  run folder    {cfg.out}  (curves.png, coupling.png, metrics.jsonl, episode_*.txt)")
 
-def main(argv=None):
-    cfg, checkpoint = parse_args(argv)
+def main(argv=None, config=Config, train_fn=train, prog: str = "grpo_cls.py"):
+    """The command line. studies/arms.py runs its own Config and trainer through it."""
+    cfg, checkpoint = parse_args(argv, config, prog)
     made = not os.path.exists(cfg.out)
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
-        print(f"grpo_cls.py: error: cannot make the run folder --out {cfg.out} ({e.strerror})",
-              file=sys.stderr)
+        print(f"{prog}: error: cannot make the run folder --out {cfg.out} ({e.strerror})", file=sys.stderr)
         sys.exit(2)
     if checkpoint is None and os.path.isdir(cfg.out) and os.listdir(cfg.out):
         if not cfg.overwrite:
-            print(f"grpo_cls.py: error: run folder {cfg.out} is not empty; pass --overwrite, "
+            print(f"{prog}: error: run folder {cfg.out} is not empty; pass --overwrite, "
                   f"--resume {cfg.out} or another --out", file=sys.stderr)
             sys.exit(2)
         for name in os.listdir(cfg.out):  # clear what an earlier run wrote, so no stale file survives
             if name.startswith("episode_") or name in RUN_FILES:
                 os.remove(os.path.join(cfg.out, name))
     try:
-        summary = train(cfg, checkpoint)
+        summary = train_fn(cfg, checkpoint)
     except TrainingError as e:
         if made and not os.listdir(cfg.out):  # nothing written: leave no empty folder behind
             os.rmdir(cfg.out)
-        print(f"grpo_cls.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
-        print(f"grpo_cls.py: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:  # a second Ctrl-C before the training loop (cold start, first evaluation)
-        print("grpo_cls.py: stopped before the first checkpoint; nothing to resume", file=sys.stderr)
+        print(f"{prog}: stopped before the first checkpoint; nothing to resume", file=sys.stderr)
         sys.exit(130)
     if not cfg.quiet:
         print_summary(summary, cfg)

@@ -4,7 +4,6 @@ import ast
 import collections
 import copy
 import dataclasses
-import functools
 import importlib.util
 import json
 import math
@@ -20,7 +19,6 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-import compare
 import envs
 import grpo_cls as g
 
@@ -36,34 +34,6 @@ def one_thread_per_worker():
     slow both workers many times over."""
     yield
     assert torch.get_num_threads() == 1, "this test left torch with more than one thread"
-
-
-# ---------------------------------------------------------------------------------------------
-# The stored runs regenerate every committed report exactly (the slowest tests, first, so that the
-# two workers of make test finish together)
-# ---------------------------------------------------------------------------------------------
-
-def regenerate(tmp_path, script: str, args: list[str], report: str):
-    """Run `script --tables` on the stored runs into tmp_path; its report must equal the committed one."""
-    out = subprocess.run([sys.executable, os.path.join(HERE, script), *args, "--tables", "--no-doc", "--out",
-                          str(tmp_path)], cwd=HERE, capture_output=True, text=True,
-                         env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert (tmp_path / report).read_text() == open(os.path.join(HERE, "results", report)).read(), report
-
-
-@pytest.mark.parametrize("script, report", [("coupling.py", "coupling.md"), ("channels.py", "channels.md"),
-                                            ("repaired.py", "repaired.md")])
-def test_the_stored_runs_regenerate_the_committed_report_exactly(tmp_path, script, report):
-    """results/coupling.md, channels.md and repaired.md are what --tables computes from results/runs/:
-    an analysis change that moves a number must regenerate them (and the README's numbers with them)."""
-    regenerate(tmp_path, script, [], report)
-
-
-@needs_minigrid
-@pytest.mark.parametrize("args, report", [(["--solve"], "minigrid-solve.md"), ([], "minigrid.md")])
-def test_the_stored_minigrid_runs_regenerate_the_committed_minigrid_report_exactly(tmp_path, args, report):
-    regenerate(tmp_path, "replicate.py", args, report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,10 +145,10 @@ def test_clip_to_norm_scales_to_max_norm_above_it_and_leaves_gradients_alone_bel
 def test_advantage_labels_call_negative_advantage_bad_and_leave_ties_unlabelled():
     A = torch.tensor([0.7, -0.3, 0.0])
     flawed = torch.tensor([True, False, True])
-    batch, cpu = {"flawed": flawed.numpy()}, torch.device("cpu")
-    y, labelled = g.classifier_labels(tiny(out="unused", cls_labels="advantage"), batch, A, cpu)
+    batch = {"flawed": flawed.numpy()}
+    y, labelled = g.classifier_labels(tiny(out="unused", cls_labels="advantage"), batch, A)
     assert y.tolist() == [0.0, 1.0, 0.0] and labelled.tolist() == [True, True, False]
-    y, labelled = g.classifier_labels(tiny(out="unused", cls_labels="oracle"), batch, A, cpu)
+    y, labelled = g.classifier_labels(tiny(out="unused", cls_labels="oracle"), batch, A)
     assert y.tolist() == [1.0, 0.0, 1.0] and labelled.all()
 
 
@@ -530,6 +500,7 @@ def test_readme_flag_table_matches_the_config():
     """The README's 'Every flag' table is typed from the Config: every field has a row with its default
     and its help text, so a changed default cannot leave the README behind."""
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    readme = readme.split("| lab flag |")[0]  # the lab's table, below the method's, is studies/test_arms.py's
     rows = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(r"^\| `(--[a-z-]+)` \| (.*?) \| (.*) \|$",
                                                                       readme, flags=re.M)}
     for f in g.dataclasses.fields(g.Config):
@@ -596,8 +567,7 @@ def test_same_seed_and_config_give_identical_metrics(tmp_path):
 
 
 
-@pytest.mark.parametrize("extra", [[], ["--beta", "0.1", "--num-iterations", "2", "--cls-labels", "oracle",
-                                        "--cls-design", "separate"]])  # the KL, epochs, the separate classifier
+@pytest.mark.parametrize("extra", [[], ["--beta", "0.1", "--num-iterations", "2", "--cls-labels", "advantage"]])
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, extra):
     """Stopped after 2 of 4 iterations and resumed, a run is the run that never stopped. With a constant
     learning rate, since an annealed one is fixed by --iters (test_resume_refuses_...)."""
@@ -734,7 +704,7 @@ def test_random_actions_never_break_an_env_or_its_promises(env_id, split, task, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Device selection (CI has no GPU: the CUDA path itself is measured by `bench.py --device cuda`)
+# Device selection (CI has no GPU: the CUDA path itself is measured by `python -m studies.bench --device cuda`)
 # ---------------------------------------------------------------------------------------------
 
 def test_device_auto_falls_back_to_cpu_and_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
@@ -753,227 +723,38 @@ def test_device_auto_picks_cuda_when_torch_sees_one(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# The paper's claims (claims.py)
-# ---------------------------------------------------------------------------------------------
-
-import claims  # noqa: E402
-
-
-@pytest.mark.parametrize("q", [0.2, 0.5, 0.8])
-@pytest.mark.parametrize("r", [0.3, 0.6])
-@pytest.mark.parametrize("G", [2, 4, 8])
-def test_lemma_3_1_finite_group_formula_matches_monte_carlo_within_3_standard_errors(q, r, G):
-    rng = np.random.default_rng(1000 * G + int(100 * q) + int(10 * r))
-    est, se = claims.simulate_lemma31(q, r, G, p_safe=0.8, n_groups=100_000, scale="none", rng=rng)
-    exact = claims.lemma31_expected_advantage(q, r, G)
-    assert abs(est - exact) <= 3 * se, (est, exact, se)
-    assert exact < 0
-
-
-@pytest.mark.parametrize("scale", ["group", "batch"])
-def test_lemma_3_1_with_std_scaling_only_the_sign_survives(scale):
-    """Std scaling multiplies by a positive random factor: the exact value changes, the sign does not."""
-    est, se = claims.simulate_lemma31(0.5, 0.4, 8, 0.8, 50_000, scale, np.random.default_rng(3))
-    assert est + 3 * se < 0
-
-
-def test_lemma_3_1_fails_for_a_helpful_action():
-    """The test can fail: an action that *raises* success (r < 0) gets a positive expected advantage."""
-    est, se = claims.simulate_lemma31(0.5, -0.3, 8, 0.5, 50_000, "none", np.random.default_rng(4))
-    assert est - 3 * se > 0 and claims.lemma31_expected_advantage(0.5, -0.3, 8) > 0
-
-
-def test_squeeze_a_negative_step_on_the_harmful_action_raises_the_mildly_flawed_mode_most():
-    z = claims.SQUEEZE_LOGITS
-    p0, p1 = claims.probs(z), claims.probs(claims.softmax_step(z, claims.HARMFUL, -1.0, 1.0))
-    gains = p1 - p0
-    assert np.argmax(p0) == claims.MILD and np.argmax(gains) == claims.MILD  # the mode gains most...
-    assert p1[claims.MILD] > p0[claims.MILD]                              # ...and the mode is a bad action
-    z1 = claims.softmax_step(z, claims.HARMFUL, -1.0, 1.0)
-    dz = z1 - z  # exactly lr * |A| * p_k for k != y
-    assert np.allclose(dz[[claims.GOOD, claims.MILD]], p0[[claims.GOOD, claims.MILD]])
-
-
-def test_squeeze_the_expected_step_lowers_bad_mass_and_raises_the_good_action():
-    z, A = claims.SQUEEZE_LOGITS, claims.SQUEEZE_ADVANTAGES
-    p0, pe = claims.probs(z), claims.probs(claims.expected_softmax_step(z, A, 1.0))
-    assert pe[claims.GOOD] > p0[claims.GOOD]
-    assert pe[claims.MILD] + pe[claims.HARMFUL] < p0[claims.MILD] + p0[claims.HARMFUL]
-    # the expected step is the average of single steps weighted by p, each with its own advantage
-    avg = sum(p0[y] * (claims.softmax_step(z, y, A[y], 1.0) - z) for y in range(3))
-    assert np.allclose(claims.expected_softmax_step(z, A, 1.0) - z, avg)
-
-
-@pytest.mark.parametrize("env", ["text", "grid"])
-def test_one_step_on_the_good_twin_moves_the_flawed_twin_as_the_gradient_inner_product_predicts(env):
-    cfg = tiny(env=env, out="unused", d_model=64)
-    device, tok, policy, gen, rng = g.build(cfg)
-    probes = gym.make(cfg.env).unwrapped.twin_probes()
-    for p in probes:
-        actual, predicted = claims.one_step_coupling(policy, tok, p, lr=1e-4, A=1.0, device=device)
-        assert abs(actual - predicted) <= 0.05 * abs(predicted) + 1e-7, (p["note"], actual, predicted)
-        assert predicted != 0
-
-
-def test_step_labels_compare_each_action_with_its_anchor_states_mean_return():
-    # two groups of G = 2; state "s" recurs in group 0 (trajectories 0 and 1), "t" only once
-    traj = np.array([0, 0, 1, 1, 2, 3])
-    keys = ["s", "u", "s", "u", "t", "v"]
-    rtg = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
-    y, labelled = g.step_labels(traj, keys, rtg, G=2)
-    assert labelled.tolist() == [True, False, True, False, False, False]  # "u" ties, "t" and "v" are alone
-    assert y.tolist()[:3] == [0.0, 0.0, 1.0]                              # rtg 1 > 0.5 good; 0 < 0.5 bad
-    # the same state in two different groups is not an anchor
-    y, labelled = g.step_labels(np.array([0, 2]), ["s", "s"], np.array([1.0, 0.0]), G=2)
-    assert not labelled.any()
-
-
-def test_returns_to_go_sum_rewards_to_the_end_of_each_trajectory():
-    traj = np.array([0, 0, 0, 1, 1])
-    assert g.returns_to_go(traj, np.array([0.0, 1.0, 2.0, 5.0, 0.0])).tolist() == [3.0, 3.0, 2.0, 5.0, 0.0]
-
-
-def test_step_labels_train_end_to_end(tmp_path):
-    # LavaGrid from scratch succeeds ~10% of the time, so some groups disagree about their shared start state
-    s = g.train(tiny(env="grid", out=str(tmp_path / "run"), cls_weight=0.5, cls_labels="step", tasks_per_iter=8,
-                     num_generations=4, iters=3, sft_steps=0, quiet=True))
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][1:]
-    assert s["iters"] == 3 and all(0 < r["cls_labelled_frac"] < 1 for r in rows)  # the anchors label some steps
-    assert all(r["cls_loss"] > 0 and r["cls_acc"] is not None for r in rows)
-
-
-def test_returns_to_go_discount_each_later_reward_by_gamma():
-    traj = np.array([0, 0, 0, 1])
-    rtg = g.returns_to_go(traj, np.array([0.0, 0.0, 1.0, 1.0]), gamma=0.5)
-    assert rtg.tolist() == [0.25, 0.5, 1.0, 1.0]
-
-
-# ---------------------------------------------------------------------------------------------
-# GiGPO's step-level advantage and the separate-path classifier
-# ---------------------------------------------------------------------------------------------
-
-def test_anchor_advantages_standardise_returns_within_each_anchor_and_leave_lone_states_at_zero():
-    # group 0 = trajectories 0, 1 (G = 2): "s" is shared by three steps; "u" and "v" are alone
-    traj = np.array([0, 0, 1, 1, 2])
-    keys = ["s", "u", "s", "s", "s"]  # trajectory 2 is in group 1: its "s" is another anchor, of one step
-    rtg = np.array([1.0, 5.0, 0.0, 0.5, 3.0])
-    A_S = g.anchor_advantages(traj, keys, rtg, G=2, scale="group")
-    v = np.array([1.0, 0.0, 0.5])
-    expected = (v - v.mean()) / (v.std(ddof=1) + 1e-4)
-    assert np.allclose(A_S[[0, 2, 3]], expected) and A_S[1] == 0 and A_S[4] == 0
-    assert np.allclose(g.anchor_advantages(traj, keys, rtg, G=2, scale="none")[[0, 2, 3]], v - v.mean())
-
-
-def test_gigpo_adds_omega_times_the_step_advantage_to_the_trajectory_advantage():
-    cfg = tiny(out="unused", adv="gigpo", omega=0.5, gamma=1.0)
-    batch = {"traj": np.array([0, 0, 1]), "step_reward": np.array([0.0, 1.0, 0.0]),
-             "tokens": np.array([[1, 2], [1, 3], [1, 2]])}  # steps 0 and 2 share an observation
-    A_traj = torch.tensor([1.0, -1.0])
-    A = g.step_advantages(cfg, batch, A_traj, torch.device("cpu"))
-    A_S = (1.0 - 0.5) / (np.std([1.0, 0.0], ddof=1) + 1e-4)  # rtg 1 and 0 at the shared state
-    assert torch.allclose(A, torch.tensor([1.0 + 0.5 * A_S, 1.0, -1.0 - 0.5 * A_S], dtype=A.dtype))
-    plain = g.step_advantages(tiny(out="unused"), batch, A_traj, torch.device("cpu"))
-    assert plain.tolist() == [1.0, 1.0, -1.0]
-
-
-def test_separate_classifier_reads_the_action_as_a_token_and_leaves_the_pair_mlp_and_policy_head_alone():
-    """The separate verdict runs the trunk again with the action as an input token. Its gradient reaches
-    the trunk and the embeddings that phi also reads (tok_emb, act_emb), but never the pair MLP or the
-    policy head: phi is shaped only through what it shares with the trunk."""
-    policy = g.build(tiny(out="unused", cls_weight=0.5, cls_design="separate"))[2]
-    x = torch.randint(2, 20, (3, policy.pos_emb.num_embeddings))
-    x[:, 0] = 1
-    c0, c1 = policy.classify_separately(x, torch.tensor([0, 0, 0])), policy.classify_separately(x, torch.tensor([1, 1, 1]))
-    assert c0.shape == (3,) and not torch.allclose(c0, c1)  # the verdict depends on the action
-    assert policy(x, torch.ones(3, policy.act_emb.num_embeddings, dtype=torch.bool))[2] is None
-    c0.sum().backward()
-    for name in ("pair_s", "pair_a", "pair_m", "policy_head"):  # phi and the policy logit get no gradient
-        assert all(p.grad is None for p in getattr(policy, name).parameters()), name
-    for name in ("tok_emb", "act_emb"):  # what phi reads too: the separate design is not independent of phi
-        assert getattr(policy, name).weight.grad.abs().sum() > 0, name
-    assert policy.blocks[0].qkv.weight.grad.abs().sum() > 0  # and the shared trunk
-
-
-@pytest.mark.parametrize("arm", [{"cls_weight": 0.5, "cls_labels": "step"}, {"cls_weight": 0.5, "cls_labels": "oracle"},
-                                 {"adv": "gigpo"}, {"cls_weight": 0.5, "cls_design": "separate"}, {"beta": 0.1},
-                                 {"cls_weight": 0.5, "beta": 0.1}])
-def test_compare_runs_from_the_shared_cold_start_exactly_as_a_fresh_run(tmp_path, arm, monkeypatch):
-    common = dict(env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, quiet=True)  # groups differ
-    fresh = tiny(out=str(tmp_path / "fresh"), **common, **arm)
-    g.train(fresh)
-    compare.cold_start_checkpoint(tiny(out=str(tmp_path / "init"), **common))
-    shared = tiny(out=str(tmp_path / "shared"), **common, **arm)
-    monkeypatch.setattr(g, "cold_start", lambda *a: pytest.fail("the shared run must not redo the cold start"))
-    g.train(shared, compare.from_cold_start(g.load_checkpoint(str(tmp_path / "init")), shared))
-    rows = rows_without_wall_time(tmp_path / "fresh")
-    assert rows_without_wall_time(tmp_path / "shared") == rows and sum(r["opt_steps"] for r in rows[1:]) > 0
-    assert os.path.exists(tmp_path / "shared" / "checkpoint.pt")  # its own, from the start
-
-
-def test_compare_confidence_interval_and_steps_to_the_success_bar(tmp_path):
-    m, half = compare.mean_ci([1, 2, 3, 4, 5])
-    assert m == 3 and half == pytest.approx(2.776 * np.std([1, 2, 3, 4, 5], ddof=1) / np.sqrt(5))
-    success = [0.5, 0.9, 0.9, 0.9, 0.9, 0.9, 1.0]  # iterations 1..7; the last-5 mean first reaches 0.9 at 6
-    rows = [{"iter": 0, "env_steps": 0, "train_success_rate": None, "train_flawed_rate": None, "probe_flawed_prob": 0.2}]
-    rows += [{"iter": i, "env_steps": 100 * i, "train_success_rate": s, "train_flawed_rate": 0.1,
-              "probe_flawed_prob": 0.2 + (i == 3) * 0.4} for i, s in enumerate(success, start=1)]
-    with open(tmp_path / "metrics.jsonl", "w") as f:
-        f.write("\n".join(json.dumps(r) for r in rows))
-    got = compare.run_measures(str(tmp_path))
-    assert got["steps_to_bar"] == 600 and got["probe_peak"] == pytest.approx(0.6)
-    assert got["probe_area"] == pytest.approx(0.2 + 0.4 / 7)  # trapezoid: a 0.4 spike two iterations wide
-
-
-# ---------------------------------------------------------------------------------------------
-# The fair update: an arm changes only the term it adds, and that term does its job
+# The fair update: the classifier changes only the term it adds, and that term does its job
 # ---------------------------------------------------------------------------------------------
 
 POLICY_METRICS = ("train_success_rate", "train_flawed_rate", "success_rate", "ood_success_rate", "flawed_rate",
                   "ood_flawed_rate", "probe_flawed_probs", "probe_control_probs", "grad_cos_twin_each",
                   "embed_cos_good_bad", "probe_action_probs", "adv_flawed_mean", "adv_good_mean", "zero_std_frac",
                   "pg_loss", "entropy", "clip_frac", "eval_return", "update_samples", "opt_steps", "env_steps")
+FAIR = dict(env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, iters=3, quiet=True)  # groups differ
 
 
-def train_from(init: str, cfg):
-    """Train cfg from the iteration-0 checkpoint in `init`; returns (policy parameters, metric rows)."""
-    g.train(cfg, compare.from_cold_start(g.load_checkpoint(init), cfg))
+def trained(cfg):
+    """Train cfg; returns (policy parameters, metric rows)."""
+    g.train(cfg)
     rows = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
     return g.load_checkpoint(cfg.out)["model"], rows
 
 
-FAIR = dict(env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, iters=3, quiet=True)  # groups differ
-
-
-@pytest.fixture(scope="module")
-def fair_plain(tmp_path_factory):
-    """A shared cold start of the FAIR config and plain GRPO trained from it, made once for every arm."""
-    root = tmp_path_factory.mktemp("fair")
-    compare.cold_start_checkpoint(tiny(out=str(root / "init"), **FAIR))
-    return (str(root / "init"), *train_from(str(root / "init"), tiny(out=str(root / "plain"), **FAIR)))
-
-
-@pytest.mark.parametrize("arm", [{"cls_labels": "advantage"}, {"cls_labels": "oracle"}, {"cls_labels": "step"},
-                                 {"cls_labels": "loop"}, {"cls_labels": "oracle", "cls_design": "separate"},
-                                 {"cls_labels": "oracle", "cls_channel": "placebo"},
-                                 {"cls_labels": "oracle", "cls_channel": "policy"}])
+@pytest.mark.parametrize("labels", ["oracle", "advantage"])
 def test_fair_update_a_classifier_weighted_zero_trains_the_policy_bit_for_bit_as_plain_grpo(tmp_path, monkeypatch,
-                                                                                            arm, fair_plain):
-    """The classifier (or the placebo, or the labels' policy term) is built, labelled and in the loss, but
-    its term is multiplied by 0: the policy's parameters and every policy metric must then equal plain
-    GRPO's exactly. A sample rule, a mean or a step count that depended on the labels would break it (the
-    arm would see other minibatches)."""
-    init, plain_params, plain_rows = fair_plain
-    real, real_policy = g.classification_loss, g.labels_through_policy
+                                                                                            labels):
+    """The classifier is built, labelled and in the loss, but its term is multiplied by 0: the policy's
+    parameters and every policy metric must then equal plain GRPO's exactly. A sample rule, a mean or a
+    step count that depended on the labels would break it (the policy stream would see other minibatches)."""
+    plain_params, plain_rows = trained(tiny(out=str(tmp_path / "plain"), **FAIR))
+    real = g.classification_loss
     monkeypatch.setattr(g, "classification_loss", lambda c, y, labelled: 0.0 * real(c, y, labelled))
-    monkeypatch.setattr(g, "labels_through_policy", lambda *args: 0.0 * real_policy(*args))
-    arm_cfg = tiny(out=str(tmp_path / "arm"), cls_weight=0.5, **FAIR, **arm)
-    arm_params, arm_rows = train_from(init, arm_cfg)
+    arm_params, arm_rows = trained(tiny(out=str(tmp_path / "arm"), cls_weight=0.5, cls_labels=labels, **FAIR))
     for name, value in plain_params.items():
         assert torch.equal(arm_params[name], value), name
     for p_row, a_row in zip(plain_rows, arm_rows, strict=True):
         assert {k: p_row[k] for k in POLICY_METRICS} == {k: a_row[k] for k in POLICY_METRICS}
-    assert all(r["cls_labelled_frac"] > 0 for r in arm_rows[1:])  # the classifier was labelled, and in the loss
-    assert all(r["adam_pg_step_scale"] == pytest.approx(1.0, abs=1e-6) for r in arm_rows[1:])  # Adam's v: pg's alone
+    assert all(r["cls_labelled_frac"] > 0 and r["cls_loss"] == 0 for r in arm_rows[1:])  # labelled, in the loss
     assert max(r["opt_steps"] for r in arm_rows[1:]) >= 2  # several minibatches: their order is checked too
 
 
@@ -982,35 +763,36 @@ def random_grid_batch(cfg):
     device, tok, policy, gen, rng = g.build(cfg)
     batch = g.rollout(policy, g.make_envs(cfg, 64), tok, np.repeat(np.arange(8), 8), np.arange(64), gen, device)
     R = torch.as_tensor(batch["reward"], dtype=torch.float32).view(8, 8)
-    return batch, g.step_advantages(cfg, batch, g.group_advantages(R).view(-1), device)
+    return batch, g.group_advantages(R).view(-1)[torch.as_tensor(batch["traj"])]
+
+
+def run_of(cfg, optimizer=torch.optim.Adam, **opt_kw):
+    """A fresh policy, its optimizer and generators, as train() holds them."""
+    device, tok, policy, gen, rng = g.build(cfg)
+    cls_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    return g.RunState(cfg, policy, optimizer(policy.parameters(), **opt_kw), None, gen, rng, cls_gen)
 
 
 def test_each_stream_is_clipped_on_its_own_so_a_large_classifier_gradient_never_shrinks_the_policy_step():
     """One SGD step on one minibatch, plain GRPO against a classifier weighted 1000. The policy head is
     reached by the policy gradient only, so its step must be the same bit for bit: with one clip on the
-    summed gradient, the classifier's norm would shrink it (the logged joint_clip_pg_scale says by how much)."""
+    summed gradient, the classifier's norm would shrink it."""
     cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, minibatch_size=4096)
     batch, A = random_grid_batch(cfg)
-    heads, stats = {}, {}
+    heads, logs = {}, {}
     for w in (0.0, 1000.0):
         arm = dataclasses.replace(cfg, cls_weight=w)
-        device, tok, policy, gen, rng = g.build(arm)
-        before = policy.policy_head.weight.detach().clone()
-        stats[w] = g.grpo_update(policy, None, torch.optim.SGD(policy.parameters(), lr=1.0), arm, batch, A, None,
-                                 gen, device)
-        heads[w] = policy.policy_head.weight.detach() - before
-        if w:
-            cos_v_w = torch.nn.functional.cosine_similarity(policy.cls_head.weight, policy.policy_head.weight).item()
-            assert stats[w]["cos_v_w"] == pytest.approx(cos_v_w, abs=1e-6)  # Adam's second moment, shared with the classifier's gradient, changes the policy gradient's step
-            adam = torch.optim.Adam(policy.parameters())
-            scale = g.grpo_update(policy, None, adam, arm, batch, A, None, gen, device)["adam_pg_step_scale"]
-            assert abs(scale - 1) > 0.1  # (a classifier weighted 0 leaves it at 1: the fair-update test)
-    assert stats[0.0]["opt_steps"] == stats[1000.0]["opt_steps"] == 1
+        run = run_of(arm, torch.optim.SGD, lr=1.0)
+        before = run.policy.policy_head.weight.detach().clone()
+        labels = g.classifier_labels(arm, batch, A) if w else None
+        logs[w] = g.grpo_update(run, batch, A, labels)
+        heads[w] = run.policy.policy_head.weight.detach() - before
+        stats = g.update_stats(logs[w], run, batch, labels)
+        assert (stats["cos_v_w"] is None) == (w == 0)
+    assert len(logs[0.0]) == len(logs[1000.0]) == 1
     assert heads[0.0].abs().sum() > 0 and torch.equal(heads[0.0], heads[1000.0])
-    assert stats[0.0]["pg_grad_norm"] == stats[1000.0]["pg_grad_norm"]
-    big = stats[1000.0]
-    assert big["cls_grad_clipped_frac"] == 1.0 and big["cls_pg_grad_ratio"] > 1 and big["joint_clip_pg_scale"] < 1
-    assert all(stats[0.0].get(k) is None for k in ("cls_grad_norm", "cls_pg_grad_ratio", "cos_v_w"))
+    assert logs[0.0][0]["pg_grad_norm"] == logs[1000.0][0]["pg_grad_norm"]
+    assert logs[1000.0][0]["cls_grad_norm"] > 1 and logs[0.0][0]["cls_grad_norm"] == 0  # clipped, not shrinking pg
 
 
 def test_a_non_finite_classifier_gradient_is_caught_before_it_reaches_the_policy():
@@ -1018,91 +800,40 @@ def test_a_non_finite_classifier_gradient_is_caught_before_it_reaches_the_policy
     (inf * 0) without the policy-gradient norm ever seeing it: its own norm is checked too."""
     cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, cls_weight=1e39)
     batch, A = random_grid_batch(cfg)
-    device, tok, policy, gen, rng = g.build(cfg)
-    stats = g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), cfg, batch, A, None, gen, device)
+    run = run_of(cfg)
+    labels = g.classifier_labels(cfg, batch, A)
+    stats = g.update_stats(g.grpo_update(run, batch, A, labels), run, batch, labels)
     assert stats["nonfinite"] == "cls_grad_norm"
     with pytest.raises(g.TrainingError, match="cls_grad_norm is not finite"):
         g.check_finite(stats, 1, cfg)
 
 
-def test_the_shadow_second_moment_keeps_pace_with_adam_when_a_step_has_no_classifier_share(monkeypatch):
-    """adam_pg_step_scale compares Adam's second moment with one that saw the policy gradient alone. With
-    the classifier weighted 0 the two are the same average, so the scale is 1, also after an update in
-    which no step was labelled (the shadow must advance on every optimizer step, as Adam's own does)."""
-    real = g.classification_loss
-    monkeypatch.setattr(g, "classification_loss", lambda c, y, labelled: 0.0 * real(c, y, labelled))
-    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, cls_weight=0.5,
-               cls_labels="step")
-    batch, A = random_grid_batch(cfg)
-    device, tok, policy, gen, rng = g.build(cfg)
-    adam = torch.optim.Adam(policy.parameters())
-    n = len(batch["action"])
-    none = (torch.zeros(n), torch.zeros(n, dtype=torch.bool))
-    assert g.grpo_update(policy, None, adam, cfg, batch, A, none, gen, device)["adam_pg_step_scale"] is None
-    every = (torch.zeros(n), torch.ones(n, dtype=torch.bool))
-    stats = g.grpo_update(policy, None, adam, cfg, batch, A, every, gen, device)
-    assert stats["adam_pg_step_scale"] == pytest.approx(1.0, abs=1e-6)
-
-
-def test_a_ratio_whose_denominator_is_zero_is_logged_as_null_not_infinity():
-    """With every advantage 0 the policy gradient is 0: the classifier-to-policy-gradient ratio and the
-    Adam scale are undefined, and metrics.jsonl must stay strict JSON."""
-    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, cls_weight=0.5)
-    batch, A = random_grid_batch(cfg)
-    device, tok, policy, gen, rng = g.build(cfg)
-    stats = g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), cfg, batch, torch.zeros_like(A),
-                          None, gen, device)
-    assert stats["cls_pg_grad_ratio"] is None and stats["adam_pg_step_scale"] is None
-    assert stats["cls_grad_norm"] > 0
-    json.dumps(stats, allow_nan=False)
-
-
-def test_the_classifier_stream_runs_in_pieces_of_at_most_a_minibatch_with_the_loss_and_gradient_of_one_pass(
-        monkeypatch):
+def test_the_classifier_stream_runs_in_pieces_of_at_most_a_minibatch_with_the_loss_and_gradient_of_one_pass():
     """However few policy minibatches an iteration has, the classifier's share of labelled steps is
     forwarded minibatch_size samples at a time (peak memory stays flat; the last piece padded), with the
     same mean loss and gradient as one forward over the whole share."""
     cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, minibatch_size=64,
                cls_weight=0.5)
     batch, A = random_grid_batch(cfg)
-    device, tok, policy, gen, rng = g.build(cfg)
+    policy = g.build(cfg)[2]
     x, m, a = (torch.as_tensor(batch[k]) for k in ("tokens", "mask", "action"))
-    y, labelled = g.classifier_labels(cfg, batch, A, torch.device("cpu"))  # oracle labels
-    jdx = torch.arange(150)
-    params = list(policy.parameters())
-    sizes, real = [], g.classifier_verdict
-    monkeypatch.setattr(g, "classifier_verdict", lambda p, xs, *r: sizes.append(len(xs)) or real(p, xs, *r))
-    c, cls_loss, grads = g.classifier_stream(policy, cfg, x, m, a, None, y, labelled, jdx, params)
+    y, labelled = g.classifier_labels(cfg, batch, A)  # oracle labels
+    jdx, params, sizes = torch.arange(150), list(policy.parameters()), []
+    real = policy.forward
+    policy.forward = lambda xs, ms: sizes.append(len(xs)) or real(xs, ms)
+    c, cls_loss, grads = g.classifier_stream(policy, cfg, x, m, a, y, labelled, jdx, params)
     assert sizes == [64, 64, 64] and c.shape == (150,)
     for n, pieces in ((10, [64]), (128, [64, 64])):  # a short share is padded; an exact multiple is not
         sizes.clear()
-        assert g.classifier_stream(policy, cfg, x, m, a, None, y, labelled, jdx[:n], params)[0].shape == (n,)
+        assert g.classifier_stream(policy, cfg, x, m, a, y, labelled, jdx[:n], params)[0].shape == (n,)
         assert sizes == pieces
-    whole = g.classification_loss(real(policy, x[jdx], m[jdx], a[jdx]), y[jdx], labelled[jdx])
+    one_pass = real(x[jdx], m[jdx])[2].gather(1, a[jdx][:, None]).squeeze(1)
+    whole = g.classification_loss(one_pass, y[jdx], labelled[jdx])
     assert cls_loss.item() == pytest.approx(whole.item(), rel=1e-5)
-    assert torch.allclose(c, real(policy, x[jdx], m[jdx], a[jdx]), atol=1e-5)
-    for mine, one_pass in zip(grads, torch.autograd.grad(0.5 * whole, params, allow_unused=True), strict=True):
-        assert (mine is None) == (one_pass is None)
-        assert mine is None or torch.allclose(mine, one_pass, rtol=1e-4, atol=1e-7)
-
-
-def test_fair_update_gigpo_changes_the_advantages_but_not_the_samples_or_the_step_count():
-    cfg = tiny(out="unused", env="grid", tasks_per_iter=4, num_generations=4, sft_steps=0)
-    device, tok, policy, gen, rng = g.build(cfg)
-    batch = g.rollout(policy, g.make_envs(cfg, 16), tok, np.repeat([3, 4, 5, 6], 4), np.arange(16), gen, device)
-    A_traj = g.group_advantages(torch.as_tensor(batch["reward"], dtype=torch.float32).view(4, 4)).view(-1)
-    A_grpo = g.step_advantages(cfg, batch, A_traj, device)
-    A_gigpo = g.step_advantages(tiny(out="unused", adv="gigpo"), batch, A_traj, device)
-    assert not torch.equal(A_grpo, A_gigpo)  # the random grid policy revisits states: anchors exist
-    out = {}
-    for name, A in (("grpo", A_grpo), ("gigpo", A_gigpo)):
-        _, _, policy, gen, _ = g.build(cfg)
-        out[name] = g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), cfg, batch, A, None, gen,
-                                  device)
-    informative = len(g.informative_steps(batch, G=4))  # the steps of groups whose outcomes differ
-    assert 0 < informative < len(batch["action"])
-    assert out["grpo"]["update_samples"] == out["gigpo"]["update_samples"] == informative
-    assert out["grpo"]["opt_steps"] == out["gigpo"]["opt_steps"] == math.ceil(informative / cfg.minibatch_size)
+    assert torch.allclose(c, one_pass, atol=1e-5)
+    for mine, theirs in zip(grads, torch.autograd.grad(0.5 * whole, params, allow_unused=True), strict=True):
+        assert (mine is None) == (theirs is None)
+        assert mine is None or torch.allclose(mine, theirs, rtol=1e-4, atol=1e-7)
 
 
 def test_informative_steps_are_the_steps_of_groups_whose_outcomes_differ():
@@ -1110,32 +841,29 @@ def test_informative_steps_are_the_steps_of_groups_whose_outcomes_differ():
     assert g.informative_steps(batch, G=2).tolist() == [3, 4, 5]  # groups (0, 1) and (4, 5) tie
 
 
-@functools.lru_cache(maxsize=None)
-def cold_started_state(env: str):
-    """A training-sized batch of a short cold start's policy, and what built it (computed once per env)."""
-    cfg, device, tok, policy, gen, batch = cold_started_batch(env)
-    return cfg, policy.state_dict(), batch
-
-
-def cold_started_batch(env: str, seed: int = 0, sft_steps: int = 100):
-    """A training-sized batch of a short cold start's policy, and what built it."""
-    cfg = tiny(out="unused", env=env, cls_weight=1.0, cls_labels="oracle", tasks_per_iter=16, num_generations=8,
-               sft_steps=sft_steps, seed=seed)
-    device, tok, policy, gen, rng = g.build(cfg)
-    envs_ = g.make_envs(cfg, 128)
-    g.cold_start(policy, cfg, envs_, tok, rng, gen, device)
-    batch = g.rollout(policy, envs_, tok, np.repeat(np.arange(16), 8), np.arange(128), gen, device, keys=True)
-    return cfg, device, tok, policy, gen, batch
+def test_an_update_on_tied_groups_takes_no_step():
+    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, cls_weight=0.5)
+    batch, A = random_grid_batch(cfg)
+    batch = batch | {"reward": np.zeros_like(batch["reward"])}  # every group ties
+    run = run_of(cfg)
+    before = [p.detach().clone() for p in run.policy.parameters()]
+    labels = g.classifier_labels(cfg, batch, A)
+    stats = g.update_stats(g.grpo_update(run, batch, A, labels), run, batch, labels)
+    assert stats["opt_steps"] == stats["update_samples"] == 0 and stats["pg_loss"] is None
+    assert all(torch.equal(p, q) for p, q in zip(run.policy.parameters(), before))
 
 
 def test_the_classifier_term_alone_learns_the_oracle_and_pulls_the_twins_apart():
     """With every advantage 0 the policy gradient is off: whatever changes is the classifier's doing.
     A few epochs of the classification term must lift its agreement with the oracle well above the
     better constant guess, and lower the cosine of the twin probes' pair embeddings phi(s_good, a) and
-    phi(s_flawed, a) (about 1.00 -> 0.88 here)."""
-    cfg, state, batch = cold_started_state("text")
-    device, tok, policy, gen, _ = g.build(cfg)
-    policy.load_state_dict(state)
+    phi(s_flawed, a)."""
+    cfg = tiny(out="unused", env="text", cls_weight=1.0, tasks_per_iter=16, num_generations=8, sft_steps=100,
+               seed=0, num_iterations=20)
+    device, tok, policy, gen, rng = g.build(cfg)
+    envs_ = g.make_envs(cfg, 128)
+    g.cold_start(policy, cfg, envs_, tok, rng, gen, device)
+    batch = g.rollout(policy, envs_, tok, np.repeat(np.arange(16), 8), np.arange(128), gen, device)
     x, m = torch.as_tensor(batch["tokens"]), torch.as_tensor(batch["mask"])
     a, flawed = torch.as_tensor(batch["action"]), torch.as_tensor(batch["flawed"])
 
@@ -1147,41 +875,14 @@ def test_the_classifier_term_alone_learns_the_oracle_and_pulls_the_twins_apart()
     probes = gym.make(cfg.env).unwrapped.twin_probes()
     before, embed_before = agreement(), g.probe_diagnostics(policy, tok, probes, device)["embed_cos_good_bad"]
     constant_guess = max(flawed.float().mean().item(), 1 - flawed.float().mean().item())
-    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
-    g.grpo_update(policy, None, opt, dataclasses.replace(cfg, num_iterations=20), batch,
-                  torch.zeros(len(a)), None, gen, device)
+    run = g.RunState(cfg, policy, torch.optim.Adam(policy.parameters(), lr=1e-3), None, gen, rng,
+                     torch.Generator().manual_seed(1))
+    A = torch.zeros(len(a))
+    batch["reward"][0] = 1.0 - batch["reward"][0]  # one untied group, so that the update takes its steps
+    g.grpo_update(run, batch, A, g.classifier_labels(cfg, batch, A))
     after, embed_after = agreement(), g.probe_diagnostics(policy, tok, probes, device)["embed_cos_good_bad"]
     assert after >= constant_guess + 0.1, (before, after, constant_guess)
     assert embed_after < embed_before - 0.05, (embed_before, embed_after)  # the twins' phi moved apart
-
-
-@pytest.mark.parametrize("env", ["text", "grid"])
-@pytest.mark.parametrize("source", ["advantage", "oracle", "step", "loop"])
-def test_every_label_source_labels_a_real_batch_with_both_verdicts(env, source):
-    """On a cold-started policy's batch, each source labels some steps, and calls some bad and some good."""
-    cfg, _, batch = cold_started_state(env)
-    device = torch.device("cpu")
-    R = torch.as_tensor(batch["reward"], dtype=torch.float32).view(16, 8)
-    cfg = dataclasses.replace(cfg, cls_labels=source)
-    A = g.step_advantages(cfg, batch, g.group_advantages(R).view(-1), device)
-    y, labelled = g.classifier_labels(cfg, batch, A, device)
-    assert 0 < labelled.float().mean() <= 1
-    assert 0 < y[labelled].mean() < 1, y[labelled].mean()
-
-
-# ---------------------------------------------------------------------------------------------
-# Labels from what the agent observes, and the action space of an LLM agent
-# ---------------------------------------------------------------------------------------------
-
-def test_loop_labels_call_every_step_of_a_detour_bad_and_the_loop_erased_path_of_a_success_good():
-    # trajectory 0 (a success): a -> b -> c -> b (a detour: steps 1, 2) -> b ("nothing happens": step 3)
-    # -> d -> goal. Trajectory 1 (a failure): a -> b -> a (a loop: steps 6, 7) -> e.
-    traj = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
-    key = ["a", "b", "c", "b", "b", "d", "a", "b", "a"]
-    next_key = ["b", "c", "b", "b", "d", "goal", "b", "a", "e"]
-    y, labelled = g.loop_labels(traj, key, next_key, success=np.array([True, False]))
-    assert labelled.tolist() == [True, True, True, True, True, True, True, True, False]
-    assert y.tolist() == [0, 1, 1, 1, 0, 0, 1, 1, 0]  # steps 0, 4, 5 are the loop-erased path a-b-d-goal
 
 
 def test_kitchen_state_key_leaves_out_the_action_history():
@@ -1206,98 +907,6 @@ def test_unmasked_kitchen_lets_the_policy_waste_steps_on_inadmissible_commands(t
     g.train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][1:]
     assert all(0 < r["train_invalid_rate"] < 1 for r in rows)
-
-
-def test_claims_mechanism_classification_alone_never_moves_the_policy_head_and_the_gradient_alone_never_the_classifier():
-    r = claims.mechanism("text", epochs=1, d_model=32, sft_steps=50, threads=1)  # small: the checks are exact
-    assert "policy_head.weight" not in r["classification alone"]["moved"]
-    assert "pair_m.weight" in r["classification alone"]["moved"]  # phi, which the policy logit reads, moves
-    assert not {"cls_head.weight", "cls_head.bias"} & r["policy gradient alone"]["moved"]
-    assert r["classification alone"]["embed_cos"] != r["before"]["embed_cos"]
-
-
-# -- the reward-shaping control: the labels' information carried by the reward ------------------------
-
-def test_shaped_rewards_take_lambda_off_the_outcome_for_each_step_labelled_bad():
-    batch = {"reward": np.array([1.0, 0.0, 0.0, 1.0]), "traj": np.array([0, 0, 1, 1, 1, 2, 3]),
-             "flawed": np.array([True, False, True, True, False, False, False]), "success": np.array([1, 0, 0, 1]),
-             "key": list("ab") + list("abaxy"), "next_key": list("bc") + list("babyz")}
-    oracle = tiny(out="unused", shaping="oracle", shaping_lambda=0.1)
-    assert np.allclose(g.shaped_rewards(oracle, batch), [0.9, -0.2, 0.0, 1.0])
-    # loop labels: trajectory 0 goes a -> b -> c; trajectory 1 goes a -> b -> a -> b, a loop back to a
-    loop_bad = g.loop_labels(batch["traj"], batch["key"], batch["next_key"], batch["success"])[0]
-    assert loop_bad.tolist() == [0, 0, 1, 1, 0, 0, 0]
-    loop = dataclasses.replace(oracle, shaping="loop")
-    assert np.allclose(g.shaped_rewards(loop, batch), [1.0, -0.2, 0.0, 1.0])
-    assert g.shaped_rewards(dataclasses.replace(oracle, shaping="none"), batch) is batch["reward"]
-
-
-def test_shaping_steps_are_the_steps_of_groups_that_only_the_shaped_reward_separates():
-    batch = {"reward": np.array([1.0, 1.0, 0.0, 0.0, 1.0, 0.0]),
-             "shaped_reward": np.array([0.9, 1.0, 0.0, 0.0, 1.0, 0.0]), "traj": np.array([0, 0, 1, 2, 3, 3, 4, 5, 5])}
-    assert g.shaping_steps(batch, G=2).tolist() == [0, 1, 2]  # group (0, 1); (2, 3) ties in both, (4, 5) in neither
-
-
-def shaping_batch():
-    """A batch of a random LavaGrid policy: 8 groups of 8, some whose outcomes tie while their flawed
-    counts differ, and the advantages train() gives it under --shaping oracle."""
-    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, shaping="oracle")
-    device, tok, policy, gen, rng = g.build(cfg)
-    batch = g.rollout(policy, g.make_envs(cfg, 64), tok, np.repeat(np.arange(8), 8), np.arange(64), gen, device)
-    batch["shaped_reward"] = g.shaped_rewards(cfg, batch)
-    return cfg, device, batch
-
-
-def test_fair_update_shaping_keeps_plain_grpos_samples_and_step_count_and_adds_the_tied_groups():
-    cfg, device, batch = shaping_batch()
-    cfg = dataclasses.replace(cfg, num_iterations=2)  # two epochs: the policy stream's generator is drawn twice
-    informative, shaped_only = g.informative_steps(batch, G=8), g.shaping_steps(batch, G=8)
-    assert len(informative) > cfg.minibatch_size and len(shaped_only) > 0  # several minibatches, and a side stream
-    out, params, gen_after = {}, {}, {}
-    for name, reward, arm in (("plain", batch["reward"], dataclasses.replace(cfg, shaping="none")),
-                              ("shaping", batch["shaped_reward"], cfg),
-                              ("lambda 0", batch["reward"], dataclasses.replace(cfg, shaping_lambda=0.0))):
-        b = batch | {"shaped_reward": g.shaped_rewards(arm, batch)}
-        A = g.group_advantages(torch.as_tensor(reward, dtype=torch.float32).view(8, 8)).view(-1)[b["traj"]]
-        _, _, policy, gen, _ = g.build(cfg)
-        out[name] = g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), arm, b, A, None, gen, device)
-        params[name], gen_after[name] = [p.detach().clone() for p in policy.parameters()], gen.get_state()
-    steps = 2 * math.ceil(len(informative) / cfg.minibatch_size)
-    assert out["shaping"]["opt_steps"] == out["plain"]["opt_steps"] == steps
-    assert out["plain"]["update_samples"] == 2 * len(informative)
-    assert out["shaping"]["update_samples"] == 2 * (len(informative) + len(shaped_only))
-    assert torch.equal(gen_after["shaping"], gen_after["plain"])  # the side stream never draws from gen
-    assert all(torch.equal(p, q) for p, q in zip(params["lambda 0"], params["plain"]))  # lambda 0 is plain GRPO
-    assert not all(torch.equal(p, q) for p, q in zip(params["shaping"], params["plain"]))
-    # the side stream is trained on: with an advantage on the shaped-only steps alone, the policy moves
-    A = torch.zeros(len(batch["traj"]))
-    A[shaped_only] = 1.0
-    _, _, policy, gen, _ = g.build(cfg)
-    before = [p.detach().clone() for p in policy.parameters()]
-    g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), cfg, batch, A, None, gen, device)
-    assert not all(torch.equal(p, q) for p, q in zip(policy.parameters(), before))
-
-
-@pytest.mark.parametrize("source", ["oracle", "loop"])
-def test_train_gives_grpo_the_shaped_reward_so_groups_whose_outcomes_tie_get_an_advantage(tmp_path, monkeypatch,
-                                                                                         source):
-    seen = []
-    real = g.grpo_update
-    monkeypatch.setattr(g, "grpo_update", lambda *a, **k: seen.append((a[4], a[5])) or real(*a, **k))
-    g.train(tiny(out=str(tmp_path), env="grid", iters=1, tasks_per_iter=8, num_generations=8, sft_steps=0,
-                 quiet=True, no_plots=True, eval_tasks=2, shaping=source, shaping_lambda=0.05))
-    batch, A = seen[0]
-    if source == "oracle":
-        bad = batch["flawed"]
-    else:  # the rollout kept what the agent saw, so the loop labels are real ones, not a length penalty
-        assert None not in batch["key"] and None not in batch["next_key"]
-        bad = g.loop_labels(batch["traj"], batch["key"], batch["next_key"], batch["success"])[0]
-        assert 0 < bad.mean() < 1
-    R = torch.as_tensor(batch["reward"] - 0.05 * np.bincount(batch["traj"], weights=bad, minlength=64),
-                        dtype=torch.float32)
-    assert torch.allclose(A, g.group_advantages(R.view(8, 8)).view(-1)[batch["traj"]])
-    tied = g.shaping_steps(batch, G=8)
-    assert len(tied) and (A[tied] != 0).any()  # plain GRPO gives these steps A = 0
 
 
 def test_the_summary_sets_each_measure_beside_plain_grpos_including_the_twins_cosines(capsys):
@@ -1363,346 +972,6 @@ def test_a_stored_reference_from_another_cold_start_is_refused_with_a_line_that_
     assert "differs in lr" in err and "make reference" not in err
 
 
-def test_compare_reuses_a_finished_run_only_when_every_field_that_can_change_it_matches(tmp_path):
-    fields = dataclasses.asdict(compare.arm_config("text", 7, {}, 3, str(tmp_path)))
-    saved = fields | {"cls_labels": "step", "threads": 2, "update": g.UPDATE_VERSION}
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    (tmp_path / "summary.json").write_text("{}")
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"iter": 3}))
-    assert compare.is_done(fields)  # a plain run has no labels to differ in; threads do not change a result
-    (tmp_path / "config.json").write_text(json.dumps(saved | {"update": 1}))
-    assert not compare.is_done(fields)  # trained with one clip on the summed gradient: run again
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert not compare.is_done(fields | {"seed": 8})
-    assert not compare.is_done(fields | {"cls_weight": 0.5, "cls_labels": "step"})  # the saved run is plain
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"iter": 2}))
-    assert not compare.is_done(fields)  # stopped before its last iteration
-
-
-# ---------------------------------------------------------------------------------------------
-# coupling.py: the sampled-pair matrix's measures, tests and the intervention (results/PROTOCOL.md)
-# ---------------------------------------------------------------------------------------------
-
-import coupling  # noqa: E402
-
-
-def test_withhold_leaves_out_half_the_training_goals_from_training_and_nothing_else():
-    """The intervention: KitchenEnv(withhold=s) never trains on W_s, a seed-drawn half of the 55 training
-    goals; the held-out split and the twin-pair sampler are untouched."""
-    train_goals = {(o, r, cl) for o in envs.OBJECTS for r in envs.GOAL_RECEPTACLES for cl in (False, True)
-                   if not envs.kitchen_is_heldout(o, r, cl)}
-    w = envs.KitchenEnv.withheld_goals(8201)
-    assert len(train_goals) == 55 and len(w) == 27 and w <= train_goals
-    assert w != envs.KitchenEnv.withheld_goals(8202) and envs.KitchenEnv.withheld_goals(0) == frozenset()
-    cfg = g.Config(**coupling.arm_overrides("text", "withhold", 8201), env="text")
-    env = g.make_envs(cfg, 1)[0].unwrapped
-    drawn = {env.make_task(t)[0] for t in range(3000)}
-    assert drawn == train_goals - w  # every other training goal is still drawn
-    held, plain_held = envs.KitchenEnv("heldout", withhold=8201), envs.KitchenEnv("heldout")
-    assert all(held.make_task(t) == plain_held.make_task(t) for t in range(50))
-    assert [p["note"] for p in env.twin_pairs(8, seed=3)] == [p["note"] for p in envs.KitchenEnv().twin_pairs(8, seed=3)]
-    with pytest.raises(ValueError, match="withhold"):
-        envs.KitchenEnv(withhold=-1)
-
-
-def pair_rows(flawed: list, control: list, grad=(0.9, 0.1), embed=(1.0, 0.5)) -> list[dict]:
-    """Metric rows as pair_diagnostics logs them: one per diagnostic iteration, two pairs."""
-    rows = [{"iter": 2 * t, "pair_flawed_probs": f, "pair_control_probs": cp, "flawed_rate": None}
-            for t, (f, cp) in enumerate(zip(flawed, control))]
-    rows[0] |= {"pair_grad_cos": list(grad), "pair_embed_cos": list(embed)}
-    rows[-1]["flawed_rate"] = 0.25
-    return rows
-
-
-def test_pair_measures_are_the_training_mean_change_of_the_logged_log_probabilities():
-    rows = pair_rows(flawed=[[0.1, 0.2], [0.2, 0.2], [0.4, 0.1]], control=[[0.1, None], [0.05, None], [0.1, None]])
-    m = coupling.pair_measures(rows)
-    gain0 = (np.log(0.2) + np.log(0.4)) / 2 - np.log(0.1)  # pair 0: pi doubles, then quadruples
-    np.testing.assert_allclose(m["gain"], [gain0, (np.log(0.2) + np.log(0.1)) / 2 - np.log(0.2)])
-    np.testing.assert_allclose(m["control"][0], (np.log(0.05) + np.log(0.1)) / 2 - np.log(0.1))
-    np.testing.assert_allclose(m["C1"][0], m["gain"][0] - m["control"][0])
-    assert np.isnan(m["C1"][1])  # no other flawed action at its flawed twin: no control, no C1
-    np.testing.assert_allclose(m["curve"][:, 0], [0, np.log(2) - np.log(0.5), np.log(4) - 0])
-    assert m["grad"].tolist() == [0.9, 0.1] and m["embed"].tolist() == [1.0, 0.5] and m["flawed"] == 0.25
-    floored = coupling.pair_measures(pair_rows(flawed=[[0.1, 0.2], [0.0, 0.2]], control=[[0.1, None]] * 2))
-    np.testing.assert_allclose(floored["gain"][0], np.log(1e-12) - np.log(0.1))  # an underflow reads as 1e-12
-
-
-def test_spearman_uses_mean_ranks_for_ties():
-    assert coupling.spearman(np.array([1., 2, 3, 4]), np.array([1., 3, 2, 4])) == pytest.approx(0.8)  # 1 - 6*2/60
-    assert coupling.spearman(np.array([1., 1, 2]), np.array([1., 2, 3])) == pytest.approx(np.sqrt(3) / 2)
-    assert coupling.spearman(np.array([1., np.nan, 2, 3]), np.array([3., 0, 2, 1])) == pytest.approx(-1)
-
-
-def test_sign_flip_p_is_exact_and_holm_steps_down():
-    assert coupling.sign_flip_p([3, 1, 2]) == 2 / 8  # only all-plus and all-minus reach |sum| = 6
-    assert coupling.sign_flip_p([1] * 10) == 2 / 1024 and coupling.sign_flip_p([1, -1]) == 1
-    assert coupling.sign_flip_p([2, -1, 1]) == 6 / 8  # |sum| >= 2 in all but the two patterns summing to 0
-    # Holm at 5%: the smallest p against 0.05/2, the next against 0.05/1; stops at the first failure
-    assert coupling.holm({"a": 0.03, "b": 0.01}) == {"a": True, "b": True}  # Bonferroni would keep a
-    assert coupling.holm({"a": 0.03, "b": 0.03}) == {"a": False, "b": False}
-    # 0.001 <= 0.05/4, 0.011 <= 0.05/3, 0.03 > 0.05/2: b fails, so c is kept though 0.04 <= 0.05/1
-    assert coupling.holm({"a": 0.001, "b": 0.03, "c": 0.04, "d": 0.011}) == {"a": True, "d": True, "b": False,
-                                                                             "c": False}
-
-
-def test_the_intervention_contrast_is_trained_minus_withheld_good_twins_over_trained_flawed_twins():
-    pairs = [{"goal_good": gg, "goal_flawed": gf, "obs_good": f"o{i}", "obs_flawed": "x", "action": 0,
-              "visited": "flawed"} for i, (gg, gf) in enumerate([("A", "X"), ("B", "X"), ("W1", "X"), ("W2", "X"),
-                                                                  ("W2", "X"), ("A", "W1")])]
-    m = {"C1": np.array([1.0, 3.0, 0.5, 0.0, np.nan, 9.0]), "grad": np.arange(6.0), "embed": np.arange(6.0),
-         "gain": np.array([0.0, 2, 1, 4, 3, 5]), "pi0": np.array([0.0, 1, 0, 1, 0, 1]), "flawed": 0.1,
-         "iters": np.array([0, 2]), "curve": np.zeros((2, 6))}
-    row = coupling.per_seed(m, pairs, withheld={"W1", "W2"})
-    # T = pairs 0, 1 (mean 2); U = pairs 2, 3 (mean 0.25; pair 4's C1 is undefined); pair 5's flawed twin is withheld
-    assert row["contrast"] == pytest.approx(1.75) and (row["n_trained"], row["n_untrained"]) == (2, 2)
-    assert row["n_distinct"] == 6 and coupling.distinct(pairs[:4] + pairs[:1]).tolist() == [True] * 4 + [False]
-    shifted = coupling.per_seed(m | {"gain": m["gain"] + np.arange(6.0)}, pairs, plain=m)  # gains more with overlap
-    assert shifted["rho_d"] == pytest.approx(1) and shifted["d"] == pytest.approx(2.5)
-
-
-def fake_run(flawed_probs: list, control: list, grad: list) -> list[dict]:
-    """Metric rows of a run whose pair probabilities are given per diagnostic iteration."""
-    rows = [{"iter": 2 * t, "pair_flawed_probs": f, "pair_control_probs": cp, "flawed_rate": 0.2,
-             "pair_embed_cos": [1.0] * len(f), "pair_grad_cos": grad if t == 0 else None, "wall_s": 10.0 + t}
-            for t, (f, cp) in enumerate(zip(flawed_probs, control))]
-    return rows
-
-
-def test_seed_table_reads_every_arm_against_its_seeds_plain_run_and_reports_what_is_missing(monkeypatch):
-    """Two pairs per seed; pair 1's good twin's goal is withheld. Plain GRPO: pair 1's coupled action
-    doubles against a steady control (C1 = log 2), pair 0's is steady (C1 = 0), so the contrast T - U is
-    -log 2. The withhold run loses pair 1's gain: contrast 0, a difference in differences of +log 2, the
-    predicted sign. A missing run is listed; an arm that did not start from its plain run's cold start
-    is refused."""
-    pairs = [{"goal_good": "G0", "goal_flawed": "F", "obs_good": "a", "obs_flawed": "b", "action": 0},
-             {"goal_good": "G1", "goal_flawed": "F", "obs_good": "c", "obs_flawed": "d", "action": 0}]
-    monkeypatch.setattr(coupling, "pairs_of", lambda task, seed: pairs)
-    monkeypatch.setattr(coupling, "ARMS_OF", {"text": ("plain", "withhold")})
-    monkeypatch.setattr(envs.KitchenEnv, "withheld_goals", staticmethod(lambda s: {"G1"}))
-    grad = [0.9, 0.1]
-    plain = fake_run([[0.1, 0.1], [0.1, 0.2], [0.1, 0.2]], [[0.1, 0.1]] * 3, grad)
-    withhold = fake_run([[0.1, 0.1]] * 3, [[0.1, 0.1]] * 3, grad)
-    runs = {("text", "plain", 1): plain, ("text", "withhold", 1): withhold, ("text", "plain", 2): plain}
-    stats, missing = coupling.seed_table(runs, [1, 2])
-    np.testing.assert_allclose(stats[("text", "plain")]["C1"], [np.log(2) / 2] * 2)
-    np.testing.assert_allclose(stats[("text", "plain")]["contrast"], [-np.log(2)] * 2)  # T = pair 0, U = pair 1
-    np.testing.assert_allclose(stats[("text", "withhold")]["did"], [np.log(2)])
-    assert np.isnan(stats[("text", "withhold")]["rho_d"][0])  # two pairs: a rank correlation is not defined
-    assert missing == [("text", "withhold", 2)] and len(stats[("text", "withhold")]["did"]) == 1
-    other_start = fake_run([[0.3, 0.1], [0.2, 0.2], [0.2, 0.2]], [[0.1, 0.1]] * 3, grad)
-    with pytest.raises(ValueError, match="cold start"):
-        coupling.seed_table(runs | {("text", "withhold", 2): other_start}, [1, 2])
-    assert coupling.cpu_minutes(runs) == pytest.approx((3 * 2 + 10 * 2) / 60)  # each cold start once
-
-
-def test_the_pairs_the_analysis_reads_are_the_pairs_every_arm_logged():
-    """coupling.pairs_of(task, seed) against what grpo_cls gives a run of each arm, withhold included."""
-    for task, arm in (("text", "plain"), ("text", "withhold"), ("grid", "cls-oracle")):
-        cfg = g.Config(env=task, seed=8201, out="unused", **coupling.arm_overrides(task, arm, 8201))
-        logged = g.probes_and_pairs(cfg, g.make_envs(cfg, 1)[0])[1]
-        mine = coupling.pairs_of(task, 8201)
-        assert len(logged) == len(mine) == coupling.PAIRS
-        assert [p["note"] for p in logged] == [p["note"] for p in mine]
-
-
-def test_family_needs_every_statistic_of_a_hypothesis_in_its_predicted_direction():
-    up, down = [1.0] * 10, [-1.0] * 10
-    stats = {("text", "plain"): {"C1": up, "rho": up}, ("grid", "plain"): {"C1": up, "rho": down},
-             ("text", "cls-oracle"): {"rho_d": down}, ("grid", "cls-oracle"): {"rho_d": up},
-             ("text", "withhold"): {"did": [1.0] * 9 + [-1.0]}}
-    fam = coupling.family(stats)
-    assert fam["H1 coupling, text"] == (2 / 1024, True) and fam["H3 classifier flattens, text"][1]
-    with pytest.raises(ValueError, match="nan"):
-        coupling.sign_flip_p([1.0, float("nan")])
-    undefined = coupling.family(stats | {("text", "plain"): {"C1": up[:9] + [float("nan")], "rho": up}})
-    assert undefined["H1 coupling, text"] == (2 / 512, True)  # the seed without a value is left out
-    assert fam["H2 coupling, grid"] == (1.0, False) and fam["H4 classifier flattens, grid"] == (1.0, False)
-    assert fam["H5 intervention, text"] == (22 / 1024, False)  # 0.021 > 0.05 / 3, Holm's third threshold
-
-
-def test_a_stored_run_unpacks_to_the_same_bytes_and_stores_reproducibly(tmp_path):
-    run, stored, back = tmp_path / "run", tmp_path / "stored", tmp_path / "back"
-    run.mkdir()
-    for name, text in (("config.json", "{}"), ("summary.json", '{"a": 1}'), ("metrics.jsonl", '{"iter": 0}\n' * 50)):
-        (run / name).write_text(text)
-    coupling.store(str(run), str(stored), coupling.RUN_NAMES)
-    first = (stored / "metrics.jsonl.gz").read_bytes()
-    coupling.store(str(run), str(stored), coupling.RUN_NAMES)
-    assert (stored / "metrics.jsonl.gz").read_bytes() == first and len(first) < 50 * 12
-    assert coupling.is_stored(str(stored)) and not os.path.exists(str(stored) + ".tmp")
-    coupling.unpack(str(stored), str(back))
-    assert all((back / n).read_bytes() == (run / n).read_bytes() for n in ("config.json", "summary.json",
-                                                                          "metrics.jsonl"))
-    assert coupling.load_rows(str(stored)) == [{"iter": 0}] * 50
-
-
-# ---------------------------------------------------------------------------------------------
-# What carries the cure: the placebo and the labels through the policy share the classifier's steps
-# ---------------------------------------------------------------------------------------------
-
-def test_placebo_labels_keep_the_base_rate_and_agree_with_the_oracle_at_chance():
-    """A batch of 10 steps, 8 labelled, 3 of them bad (the oracle's labels). Every permutation keeps the
-    labelled steps' labels as a multiset and leaves the unlabelled alone; over permutations each labelled
-    step is bad with chance 3/8, so agreement with the oracle is (3/8)^2 + (5/8)^2 = 0.53125, chance."""
-    y = torch.tensor([1., 0, 0, 1, 0, 1, 0, 0, 1, 1])
-    labelled = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
-    gen, agree, bad_at = torch.Generator().manual_seed(0), [], torch.zeros(10)
-    for _ in range(4000):
-        shuffled = g.placebo_labels(y, labelled, gen)
-        assert sorted(shuffled[labelled].tolist()) == sorted(y[labelled].tolist())  # the base rate, exactly
-        assert torch.equal(shuffled[~labelled], y[~labelled])
-        agree.append((shuffled[labelled] == y[labelled]).float().mean().item())
-        bad_at += shuffled
-    chance, se = (3 / 8) ** 2 + (5 / 8) ** 2, np.std(agree) / np.sqrt(len(agree))
-    assert abs(np.mean(agree) - chance) < 4 * se
-    np.testing.assert_allclose(bad_at[:8] / 4000, 3 / 8, atol=4 * np.sqrt(3 / 8 * 5 / 8 / 4000))  # no step favoured
-
-
-@pytest.mark.parametrize("channel", ["placebo", "policy"])
-def test_the_placebo_and_the_policy_channel_take_the_classifiers_very_steps_and_step_count(monkeypatch, channel):
-    """One update on one batch, with the classifier (head) and with the other channel: the side stream's
-    share at every optimizer step is the same list of steps, and so is the number of steps."""
-    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, cls_weight=0.5,
-               minibatch_size=16)
-    batch, A = random_grid_batch(cfg)
-    real, shares = g.classifier_stream, {}
-
-    def recording(policy, cfg, x, m, a, logp_old, y, labelled, jdx, params):
-        shares[cfg.cls_channel].append(jdx.tolist())
-        return real(policy, cfg, x, m, a, logp_old, y, labelled, jdx, params)
-    monkeypatch.setattr(g, "classifier_stream", recording)
-    stats = {}
-    for ch in ("head", channel):
-        arm = dataclasses.replace(cfg, cls_channel=ch)
-        device, tok, policy, gen, rng = g.build(arm)
-        shares[ch] = []
-        stats[ch] = g.grpo_update(policy, None, torch.optim.Adam(policy.parameters()), arm, batch, A, None, gen,
-                                  device)
-    assert len(shares["head"]) >= 2 and shares["head"] == shares[channel]
-    assert stats["head"]["opt_steps"] == stats[channel]["opt_steps"] == len(shares["head"])
-    assert stats[channel]["cls_grad_norm"] > 0 and stats[channel]["cls_labelled_frac"] == 1.0
-
-
-def test_the_policy_channel_is_a_policy_gradient_with_the_label_as_advantage_and_no_classifier():
-    """--cls-channel policy's side-stream gradient, on a share of 100 labelled steps (two pieces of 64):
-    at the rollout's own policy (ratio 1, no clipping) it is the gradient of
-    -w * mean((1 - 2y) * log pi(a|s)), the policy gradient of advantage +1 for good and -1 for bad;
-    the classifier head gets none."""
-    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0, cls_weight=0.7,
-               cls_channel="policy")
-    batch, _ = random_grid_batch(cfg)
-    device, tok, policy, gen, rng = g.build(cfg)
-    x, m, a, logp_old = (torch.as_tensor(batch[k]) for k in ("tokens", "mask", "action", "logp"))
-    y, labelled = torch.as_tensor(batch["flawed"]).float(), torch.ones(len(a), dtype=torch.bool)
-    assert 0 < y.mean() < 1 and len(a) > 100
-    jdx, params = torch.arange(100), list(policy.parameters())
-    c, loss, grads = g.classifier_stream(policy, cfg, x, m, a, logp_old, y, labelled, jdx, params)
-    logp = torch.log_softmax(policy(x[jdx], m[jdx])[0], -1).gather(1, a[jdx, None]).squeeze(1)
-    expected = torch.autograd.grad(-0.7 * ((1 - 2 * y[jdx]) * logp).mean(), params, allow_unused=True)
-    head = [i for i, (n, _) in enumerate(policy.named_parameters()) if n.startswith("cls_")]
-    assert c is None and head and all(grads[i] is None for i in head)
-    for got, want in zip(grads, expected):
-        assert (got is None) == (want is None)
-        if got is not None:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-
-
-def test_a_side_channel_needs_a_weight_and_the_policy_channel_no_design():
-    with pytest.raises(ValueError, match="--cls-weight > 0"):
-        tiny(out="unused", cls_channel="placebo")
-    with pytest.raises(ValueError, match="no --cls-design"):
-        tiny(out="unused", cls_channel="policy", cls_weight=0.5, cls_design="separate")
-    with pytest.raises(ValueError, match="--cls-channel must be one of"):
-        tiny(out="unused", cls_channel="reward", cls_weight=0.5)
-
-
-import channels  # noqa: E402
-
-
-def test_help_shows_the_placebo_and_the_policy_channel():
-    text = g.make_parser().format_help()
-    assert "--cls-channel" in text and "placebo" in text and "log pi itself" in text
-
-
-def test_the_channel_arms_differ_from_the_classifier_only_in_the_channel(monkeypatch):
-    monkeypatch.setattr(channels, "LAMBDA", {"text": 0.3, "grid": 0.2})
-    cls = channels.arm_overrides("text", "cls-oracle", 8201)
-    assert cls == coupling.arm_overrides("text", "cls-oracle", 8201)  # the sampled-pair matrix's run, reused
-    assert channels.arm_overrides("text", "placebo", 8201) == cls | {"cls_channel": "placebo"}
-    assert channels.arm_overrides("grid", "policy", 8201) == coupling.arm_overrides("grid", "cls-oracle", 8201) | {
-        "cls_channel": "policy", "cls_weight": 0.2}
-    monkeypatch.setattr(channels, "LAMBDA", {"text": None, "grid": None})
-    with pytest.raises(SystemExit, match="calibrated"):
-        channels.arm_overrides("text", "policy", 8201)
-    calibration = open(os.path.join(os.path.dirname(__file__), "results", "channels-calibration.log")).read()
-    for task, weight in {"text": 0.292, "grid": 0.423}.items():  # the committed LAMBDA is the calibration's
-        assert f"{task}: " in calibration and f"policy channel weight {weight}" in calibration
-
-
-def test_the_channel_endpoint_and_family_read_the_late_training_flawed_rate_paired_by_seed():
-    run = lambda late: [{"iter": i, "train_flawed_rate": (late if i >= 51 else 0.9)} for i in range(61)]  # noqa: E731
-    assert channels.endpoint(run(0.25)) == 0.25  # iterations 51-60 only
-    seeds = list(range(12))
-    runs = {(t, a, s): run({"plain": 0.3, "cls-oracle": 0.2 - 0.001 * s, "placebo": 0.2, "policy": 0.2}[a])
-            for t in ("text", "grid") for a in channels.ARMS for s in seeds}
-    del runs[("grid", "policy", 0)]
-    fam = channels.family(runs, seeds)
-    diffs, p, shown = fam["C1 classifier - plain, text"]
-    assert np.allclose(diffs, [-0.1 - 0.001 * s for s in seeds]) and p == 2 / 4096 and shown
-    assert len(fam["C6 classifier - policy, grid"][0]) == 11  # the seed without its run is left out
-    assert fam["C2 classifier - placebo, text"][1] == 4 / 4096  # seed 0 ties: its sign flips either way
-
-
-import explain  # noqa: E402
-
-
-def test_the_walkthroughs_classifier_step_is_predicted_by_its_two_inner_products_and_restores_the_policy(monkeypatch):
-    """explain.step_with_classifier at a small learning rate: the measured change of log pi(a | flawed twin)
-    is lr * A * <g1, g2> + lr * <h, g2> to first order, and the policy is left as it was."""
-    monkeypatch.setattr(explain, "LR", 1e-3)
-    cfg = tiny(out="unused", cls_weight=0.5)
-    device, tok, policy, gen, rng = g.build(cfg)
-    pair = gym.make(cfg.env).unwrapped.twin_pairs(3, seed=0)[0]
-    before = {k: v.clone() for k, v in policy.state_dict().items()}
-    measured_plain, predicted = claims.one_step_coupling(policy, tok, pair, 1e-3, explain.A, device)
-    measured, predicted_cls, _ = explain.step_with_classifier(policy, tok, pair, device)
-    assert predicted_cls != 0 and abs(measured - measured_plain) > 0  # the classifier's term moved it
-    assert measured == pytest.approx(predicted + predicted_cls, rel=0.05, abs=1e-6)
-    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
-
-
-def test_repaired_loop_labels_leave_the_step_that_closes_a_loop_unlabelled_and_nothing_happens_bad():
-    # the trajectories of test_loop_labels_...: step 2 closes the detour b -> c -> b, step 7 the loop a -> b -> a;
-    # step 3 is "nothing happens" (b -> b), a loop of one step, which stays bad
-    traj = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
-    key = ["a", "b", "c", "b", "b", "d", "a", "b", "a"]
-    next_key = ["b", "c", "b", "b", "d", "goal", "b", "a", "e"]
-    y, labelled = g.loop_labels(traj, key, next_key, success=np.array([True, False]), close_bad=False)
-    assert labelled.tolist() == [True, True, False, True, True, True, True, False, False]
-    assert y.tolist() == [0, 1, 0, 1, 0, 0, 1, 0, 0]
-
-
-def test_label_quality_counts_agreement_precision_and_recall_against_the_oracle():
-    y = torch.tensor([1., 1, 0, 0, 1, 0])
-    labelled = torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.bool)
-    flawed = torch.tensor([1, 0, 0, 1, 1, 0])
-    q = g.label_quality(y, labelled, flawed)
-    # labelled: steps 0-3, agreeing at 0 and 2; labelled bad: 0, 1, of which 0 is flawed; flawed: 0, 3, 4
-    assert q == {"label_agree": 0.5, "label_precision": 0.5, "label_recall": pytest.approx(1 / 3)}
-    assert g.label_quality(y, torch.zeros(6, dtype=torch.bool), flawed)["label_precision"] is None
-
-
-@pytest.mark.parametrize("labels, channel", [("oracle", "head"), ("loop-repaired", "head"), ("oracle", "placebo")])
-def test_every_iteration_logs_the_side_streams_label_quality(tmp_path, labels, channel):
-    cfg = tiny(out=str(tmp_path), env="grid", cls_weight=0.5, cls_labels=labels, cls_channel=channel, quiet=True)
-    g.train(cfg)
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][1:]
-    assert all(r["label_agree"] is not None and 0 <= r["label_agree"] <= 1 for r in rows)
-    if channel == "head" and labels == "oracle":  # the oracle's own labels agree with it exactly
-        assert all(r["label_agree"] == 1.0 and r["label_recall"] in (1.0, None) for r in rows)
-
-
 # ---------------------------------------------------------------------------------------------
 # The code reads as a text: top to bottom, in pieces a reader can hold
 # ---------------------------------------------------------------------------------------------
@@ -1732,8 +1001,11 @@ def module_level_forward_references(path: str) -> list[tuple[str, str]]:
 
 
 def test_the_code_reads_top_to_bottom_no_name_is_used_above_its_definition(tmp_path):
-    """A student reads grpo_cls.py from the top and never needs a name defined further down."""
-    assert module_level_forward_references(os.path.join(HERE, "grpo_cls.py")) == []
+    """A student reads grpo_cls.py, envs.py and every study from the top and never needs a name defined
+    further down (the test files, which are specifications, aside)."""
+    code = ["grpo_cls.py", "envs.py"] + sorted(f"studies/{f}" for f in os.listdir(os.path.join(HERE, "studies"))
+                                               if f.endswith(".py") and not f.startswith("test_"))
+    assert {f: module_level_forward_references(os.path.join(HERE, f)) for f in code} == {f: [] for f in code}
     later = tmp_path / "later.py"  # the check itself bites: a use above the definition is found
     later.write_text("def first():\n    return second() + LATE\n\n\ndef second(x: 'Hint') -> int:\n    return 1\n\n\n"
                      "class Hint:\n    pass\n\n\nEARLY, LATE = 1, 2\n")
@@ -1741,7 +1013,9 @@ def test_the_code_reads_top_to_bottom_no_name_is_used_above_its_definition(tmp_p
 
 
 def test_no_function_in_any_file_is_longer_than_80_lines():
-    long = [(f, node.name, node.end_lineno - node.lineno + 1) for f in sorted(os.listdir(HERE)) if f.endswith(".py")
+    files = sorted(f for f in os.listdir(HERE) if f.endswith(".py"))
+    files += sorted(f"studies/{f}" for f in os.listdir(os.path.join(HERE, "studies")) if f.endswith(".py"))
+    long = [(f, node.name, node.end_lineno - node.lineno + 1) for f in files
             for node in ast.walk(ast.parse(open(os.path.join(HERE, f)).read()))
             if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80]
     assert long == []
@@ -1983,8 +1257,7 @@ def test_pair_diagnostics_reads_the_twin_pairs():
     tok = g.Tokenizer(gym.make(env_id))
     pairs = gym.make(env_id).unwrapped.twin_pairs(8, seed=1)
     torch.manual_seed(0)
-    policy = g.Policy(len(tok.words), tok.seq_len, tok.action_tokens, 16, 1, 2, with_classifier=False,
-                      cls_design="shared")
+    policy = g.Policy(len(tok.words), tok.seq_len, tok.action_tokens, 16, 1, 2, with_classifier=False)
     row = g.pair_diagnostics(policy, tok, pairs, torch.device("cpu"), with_grads=True)
     assert len(row["pair_flawed_probs"]) == len(row["pair_grad_cos"]) == 8
     assert all(0 < v < 1 for v in row["pair_good_probs"] + row["pair_flawed_probs"])
@@ -2015,49 +1288,16 @@ def test_without_minigrid_envs_imports_and_a_minigrid_room_says_pip_install_mini
 @needs_minigrid
 def test_a_minigrid_room_trains_end_to_end_with_the_oracle_classifier_and_its_twin_pairs(tmp_path):
     """--env MiniGrid-LavaGapS5-v0 names the room with an oracle: a short run trains the classifier on the
-    oracle's labels (which agree with the oracle exactly), logs the flawed rate, the held-out room and the
-    sampled twin pairs."""
+    oracle's labels, logs the flawed rate, the held-out room and the sampled twin pairs."""
     cfg = tiny(out=str(tmp_path), env="MiniGrid-LavaGapS5-v0", cls_weight=0.5, quiet=True, iters=3, eval_every=3,
                diag_every=1)
     assert cfg.env == "grpo_cls/MiniGrid-LavaGapS5-v0"
     g.train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert all(r["train_flawed_rate"] is not None and r["label_agree"] == 1.0 for r in rows[1:])
+    assert all(r["train_flawed_rate"] is not None and r["cls_oracle_acc"] == r["cls_acc"] for r in rows[1:])
     assert rows[-1]["ood_success_rate"] is not None and rows[-1]["flawed_rate"] is not None
     # the rooms have no hand-built probes, yet their sampled pairs are read every diag_every iterations
     assert [len(r["pair_flawed_probs"] or []) for r in rows] == [4, 4, 4, 4]  # tiny()'s four pairs
-
-
-def every_matrix_cell(module, arms_of: dict, overrides, seeds) -> dict:
-    """(task, arm, seed) -> the Config a stored-run matrix trains, built as its workers build it."""
-    return {(t, a, s): compare.arm_config(t, s, overrides(t, a, s), 60, "unused")
-            for t, arms in arms_of.items() for a in arms for s in seeds}
-
-
-def test_the_repaired_label_matrix_trains_the_arms_its_protocol_names():
-    import repaired
-    cells = every_matrix_cell(repaired, repaired.ARMS_OF, repaired.arm_overrides, [8201])
-    for task in ("text", "grid", "text-nomask"):
-        plain, head, policy = (cells[(task, a, 8201)] for a in repaired.ARMS)
-        assert plain.cls_weight == 0 and plain.twin_pairs == 128 and plain.iters == 60
-        assert (head.cls_labels, head.cls_weight, head.cls_channel) == ("loop-repaired", 0.5, "head")
-        assert (policy.cls_labels, policy.cls_weight, policy.cls_channel) == ("loop-repaired", repaired.LAMBDA[task],
-                                                                                "policy")
-        assert (head.action_mask == "none") == (task == "text-nomask")
-    assert sorted(repaired.CONTRASTS.values()) == sorted((t, "cls-loop-repaired", b) for t in repaired.ARMS_OF
-                                                         for b in ("plain", "policy-loop-repaired"))
-
-
-@needs_minigrid
-def test_the_minigrid_solve_check_and_replication_train_the_arms_their_protocol_names():
-    import replicate
-    solve = every_matrix_cell(replicate, replicate.SOLVE_OF, replicate.solve_overrides, [replicate.SOLVE_SEED])
-    assert {cfg.env for cfg in solve.values()} == {f"grpo_cls/{name}" for name in envs.MINIGRID_ROOMS}
-    assert all(cfg.eval_every == 10 and cfg.iters == 60 for cfg in solve.values())
-    cells = every_matrix_cell(replicate, replicate.ARMS_OF, coupling.arm_overrides, [8301])
-    assert {(t, cfg.cls_weight, cfg.cls_labels) for (t, _, _), cfg in cells.items()} == {
-        (t, w, "oracle") for t in ("lavagap", "doorkey") for w in (0.0, 0.5)}
-    assert all(cfg.eval_every == 60 and cfg.twin_pairs == 128 for cfg in cells.values())
 
 
 @needs_minigrid

@@ -6,48 +6,25 @@
      lr * A * <grad log pi(a|s1), grad log pi(a|s2)>, in a near-identical state s2 where a is flawed.
 
 Writes results/claims.md, results/squeeze.png and results/probe_rise.png (3b trains 10 runs of plain
-GRPO, about 10 minutes on 2 cores; `python claims.py --quick` skips it). Each function is small and pure so the tests can
-check it exactly; this file imports the policy and the loss math from grpo_cls.py.
+GRPO, about 10 minutes on 2 cores; `python -m studies.claims --quick` skips it). Each function is small and pure so the
+tests can check it exactly; this file imports the policy and the loss math from grpo_cls.py, and Lemma 3.1 and the
+one-step coupling from studies.toys (which studies.explain shares).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 
 import grpo_cls as g
-
-# ---------------------------------------------------------------------------------------------
-# 1. Lemma 3.1, with a finite group
-# ---------------------------------------------------------------------------------------------
-
-
-def lemma31_expected_advantage(q: float, r: float, G: int) -> float:
-    """E[A * 1{risky}] for one group member under the mean-only baseline A = R - mean(R).
-
-    Each member takes the risky action with probability q; it lowers the success probability by r.
-    The paper's q * r * (q - 1) is the G -> infinity limit; a finite group scales it by (G-1)/G,
-    because the member's own reward is part of the mean it is compared with.
-    """
-    return (G - 1) / G * q * r * (q - 1)
-
-
-def simulate_lemma31(q: float, r: float, G: int, p_safe: float, n_groups: int, scale: str,
-                     rng: np.random.Generator) -> tuple[float, float]:
-    """Monte Carlo estimate of E[A * 1{risky}] and its standard error, over n_groups groups of G."""
-    risky = rng.random((n_groups, G)) < q                                     # (n, G)
-    p_success = np.where(risky, p_safe - r, p_safe)
-    R = torch.as_tensor((rng.random((n_groups, G)) < p_success).astype(np.float64))
-    A = g.group_advantages(R, scale).numpy()                                  # (n, G)
-    x = (A * risky).mean(axis=1)  # one number per group: groups are independent, members are not
-    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(n_groups))
-
+from studies import arms
+from studies.toys import lemma31_expected_advantage, one_step_coupling, simulate_lemma31
 
 # ---------------------------------------------------------------------------------------------
 # 2. The squeezing effect, one softmax step (3 actions)
@@ -103,35 +80,8 @@ def plot_squeeze(path: str, lr: float = 1.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Gradient coupling, one step on the good twin
+# 3. Gradient coupling: the mechanism isolated, and coupling over training (one step: studies.toys)
 # ---------------------------------------------------------------------------------------------
-
-def log_prob(policy, tok, obs, mask, action, device):
-    x = torch.as_tensor(tok.encode(obs), device=device)[None]             # (1, L)
-    m = torch.as_tensor(mask.astype(bool), device=device)[None]           # (1, A)
-    return torch.log_softmax(policy(x, m)[0], dim=-1)[0, action]
-
-
-def one_step_coupling(policy, tok, probe: dict, lr: float, A: float, device) -> tuple[float, float]:
-    """Take one plain gradient step (lr, advantage A) on the good twin alone and return
-    (actual change of log pi(a | flawed twin), first-order prediction lr * A * <g_good, g_flawed>).
-    The policy is restored afterwards."""
-    params = [p for n, p in policy.named_parameters() if not n.startswith("cls_")]
-    a = probe["action"]
-    lp_good = log_prob(policy, tok, probe["obs_good"], probe["mask_good"], a, device)
-    lp_bad = log_prob(policy, tok, probe["obs_flawed"], probe["mask_flawed"], a, device)
-    g_good = torch.autograd.grad(lp_good, params)
-    g_bad = torch.autograd.grad(lp_bad, params)
-    predicted = lr * A * sum((x * y).sum() for x, y in zip(g_good, g_bad)).item()
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, grad in zip(params, g_good):
-            p += lr * A * grad  # gradient ascent on A * log pi(a | s_good)
-        after = log_prob(policy, tok, probe["obs_flawed"], probe["mask_flawed"], a, device).item()
-        for p, s in zip(params, saved):
-            p.copy_(s)
-    return after - lp_bad.item(), predicted
-
 
 def mechanism(env: str, epochs: int = 10, seed: int = 1, **overrides) -> dict:
     """Does classification alone pull the twins apart? From one cold-started policy and one training
@@ -140,16 +90,16 @@ def mechanism(env: str, epochs: int = 10, seed: int = 1, **overrides) -> dict:
     advantages, the classifier weighted 0). Returns the twin probes' embedding and gradient cosines,
     each (probes,), before and after each arm, and the parameters each arm moved. `overrides` are Config
     fields (the tests shrink the model and the batch)."""
-    cfg = g.Config(**{"env": env, "seed": seed, "cls_weight": 1.0, "cls_labels": "oracle", "num_iterations": epochs,
-                      "out": "unused", "quiet": True} | overrides)
-    device, tok, policy, gen, rng = g.build(cfg)
+    cfg = arms.ArmConfig(**{"env": env, "seed": seed, "cls_weight": 1.0, "cls_labels": "oracle",
+                            "num_iterations": epochs, "out": "unused", "quiet": True} | overrides)
+    device, tok, policy, gen, rng = arms.build(cfg)
     K, G = cfg.tasks_per_iter, cfg.num_generations
     envs_ = g.make_envs(cfg, K * G)
     g.cold_start(policy, cfg, envs_, tok, rng, gen, device)
     tasks, seeds = np.repeat(rng.integers(2**31 - 1, size=K), G), rng.integers(2**31 - 1, size=K * G)
     batch = g.rollout(policy, envs_, tok, tasks, seeds, gen, device)
     R = torch.as_tensor(batch["reward"], dtype=torch.float32, device=device).view(K, G)
-    A = g.step_advantages(cfg, batch, g.group_advantages(R).view(-1), device)
+    A = arms.step_advantages(cfg, batch, g.group_advantages(R).view(-1), device)
     probes, start = envs_[0].unwrapped.twin_probes(), copy.deepcopy(policy.state_dict())
 
     def cosines():
@@ -160,8 +110,8 @@ def mechanism(env: str, epochs: int = 10, seed: int = 1, **overrides) -> dict:
                                      ("policy gradient alone", dataclasses.replace(cfg, cls_weight=0.0), A)):
         policy.load_state_dict(start)
         opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-        g.grpo_update(policy, None, opt, arm_cfg, batch, advantages, None, torch.Generator().manual_seed(seed),
-                      device)
+        arms.grpo_update(policy, None, opt, arm_cfg, batch, advantages, None, torch.Generator().manual_seed(seed),
+                         device)
         moved = {n for n, p in policy.state_dict().items() if not torch.equal(p, start[n])}
         out[arm] = cosines() | {"moved": moved}
     return out
@@ -193,8 +143,8 @@ def coupling_over_training(env: str, seeds, out_dir: str) -> list[dict]:
     rows = []
     for seed in seeds:
         run = os.path.join(out_dir, "runs", f"{env}-plain-seed{seed}")
-        cfg = g.Config(env=env, seed=seed, cls_weight=0.0, out=run, quiet=True, diag_every=1, iters=80)
-        g.train(cfg)
+        cfg = arms.ArmConfig(env=env, seed=seed, cls_weight=0.0, out=run, quiet=True, diag_every=1, iters=80)
+        arms.train(cfg)
         metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
         curve = [(m["iter"], m["probe_flawed_prob"]) for m in metrics if m["probe_flawed_prob"] is not None]
         initial = curve[0][1]
@@ -249,7 +199,7 @@ def mechanism_section(out_dir: str) -> list[str]:
 
 def main(out_dir: str = "results", over_training: bool = True):
     os.makedirs(out_dir, exist_ok=True)
-    lines = ["# The paper's claims, measured", "", "Generated by `make claims` (`python claims.py`).", ""]
+    lines = ["# The paper's claims, measured", "", "Generated by `make claims` (`python -m studies.claims`).", ""]
 
     lines += ["## 1. Lemma 3.1: E[A * 1{risky}] = ((G-1)/G) q r (q-1) < 0", "",
               "Monte Carlo, 200,000 groups each, mean-only baseline (`--scale-rewards none`), p_safe = 0.8.", "",
@@ -278,8 +228,8 @@ def main(out_dir: str = "results", over_training: bool = True):
               "good twin only; the change of log pi(a | flawed twin) against its first-order prediction.", "",
               "| env | probe | actual change | predicted lr*A*<g1,g2> | grad cosine |", "|---|---|---|---|---|"]
     for env in ("text", "grid"):
-        cfg = g.Config(env=env, out="unused", quiet=True)
-        device, tok, policy, gen, rng_t = g.build(cfg)
+        cfg = arms.ArmConfig(env=env, out="unused", quiet=True)
+        device, tok, policy, gen, rng_t = arms.build(cfg)
         envs_ = g.make_envs(cfg, 64)
         g.cold_start(policy, cfg, envs_, tok, rng_t, gen, device)
         probes = envs_[0].unwrapped.twin_probes()
@@ -341,18 +291,29 @@ def optimizer_section(run_dirs: list[str]) -> list[str]:
     return lines
 
 
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m studies.claims", description="The paper's claims, each measured "
+                                "directly (make claims): results/claims.md, squeeze.png, probe_rise.png, mechanism.png")
+    p.add_argument("--quick", action="store_true", help="skip claim 3b's 10 training runs")
+    p.add_argument("--mechanism", action="store_true", help="only claim 3c, into results/mechanism.md")
+    p.add_argument("--optimizer", nargs="+", metavar="RUN_DIR", help="only the clip and Adam logs of these finished "
+                   "runs, into results/optimizer.md (make optimizer)")
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    if "--optimizer" in sys.argv:  # python claims.py --optimizer RUN_DIR ...: into results/optimizer.md
-        dirs = sys.argv[sys.argv.index("--optimizer") + 1:]
+    args = parse_args()
+    if args.optimizer:  # python -m studies.claims --optimizer RUN_DIR ...: into results/optimizer.md
+        dirs = args.optimizer
         text = "\n".join(["# One optimizer, two streams: the clip and Adam logs", "",
-                          f"Generated by `python claims.py --optimizer {' '.join(dirs)}` (`make optimizer`)."]
+                          f"Generated by `python -m studies.claims --optimizer {' '.join(dirs)}` (`make optimizer`)."]
                          + optimizer_section(dirs))
         open(os.path.join("results", "optimizer.md"), "w").write(text + "\n")
         print(text)
-    elif "--mechanism" in sys.argv:  # claim 3c alone, into results/mechanism.md
-        text = "\n".join(["# The mechanism, isolated", "", "Generated by `python claims.py --mechanism` "
+    elif args.mechanism:  # claim 3c alone, into results/mechanism.md
+        text = "\n".join(["# The mechanism, isolated", "", "Generated by `python -m studies.claims --mechanism` "
                            "(`make claims` writes the same section into claims.md)."] + mechanism_section("results"))
         open(os.path.join("results", "mechanism.md"), "w").write(text + "\n")
         print(text)
     else:
-        main(over_training="--quick" not in sys.argv)
+        main(over_training=not args.quick)

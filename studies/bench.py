@@ -1,4 +1,4 @@
-"""make bench: measure the trainer against this machine's own ceilings. Writes bench.json, prints a table.
+"""make bench: measure the trainer against this machine's own ceilings. Writes results/bench.json, prints a table.
 
 Every ratio compares the real code path with a bare ceiling measured in the same process, back to
 back, on the same model, batch sizes and thread count:
@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import grpo_cls as g
+from studies import arms
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where grpo_cls.py is
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -39,9 +40,9 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def setup(cfg: g.Config):
+def setup(cfg: arms.ArmConfig):
     """A cold-started policy and the envs of one iteration, as train() would have them."""
-    device, tok, policy, gen, rng = g.build(cfg)
+    device, tok, policy, gen, rng = arms.build(cfg)
     envs_ = g.make_envs(cfg, cfg.tasks_per_iter * cfg.num_generations)
     g.cold_start(policy, cfg, envs_, tok, rng, gen, device)
     return device, tok, policy, gen, rng, envs_
@@ -132,10 +133,10 @@ def processed_samples(row: dict, steps: int, epochs: int = 1) -> int:
 def measure_update(cfg, device, policy, gen, batch) -> dict:
     K, G = cfg.tasks_per_iter, cfg.num_generations
     R = torch.as_tensor(batch["reward"], dtype=torch.float32, device=device).view(K, G)
-    A = g.step_advantages(cfg, batch, g.group_advantages(R, cfg.scale_rewards).view(-1), device)  # (S,)
+    A = arms.step_advantages(cfg, batch, g.group_advantages(R, cfg.scale_rewards).view(-1), device)  # (S,)
     opt = torch.optim.Adam(policy.parameters(), lr=1e-9)  # a tiny lr: the policy stays as it is
     stats = []
-    t = timed(lambda: stats.append(g.grpo_update(policy, None, opt, cfg, batch, A, None, gen, device)))
+    t = timed(lambda: stats.append(arms.grpo_update(policy, None, opt, cfg, batch, A, None, gen, device)))
     useful = processed_samples(stats[-1], len(batch["action"]), cfg.num_iterations)
     real = useful / t
     bare = bare_update_samples_per_s(policy, batch, cfg, device)
@@ -159,10 +160,10 @@ def measure_naive(cfg, device, tok, policy, gen, envs_, steps: int = 300) -> flo
     return n / (time.perf_counter() - t0)
 
 
-def measure_scaling(base: g.Config, sizes=(4, 16, 64)) -> list[dict]:
+def measure_scaling(base: arms.ArmConfig, sizes=(4, 16, 64)) -> list[dict]:
     rows = []
     for K in sizes:
-        cfg = g.Config(**{**base.__dict__, "tasks_per_iter": K})
+        cfg = arms.ArmConfig(**{**base.__dict__, "tasks_per_iter": K})
         device, tok, policy, gen, rng, envs_ = setup(cfg)
         opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
 
@@ -170,8 +171,8 @@ def measure_scaling(base: g.Config, sizes=(4, 16, 64)) -> list[dict]:
             tasks, seeds = iteration_inputs(cfg, rng, len(envs_))
             b = g.rollout(policy, envs_, tok, tasks, seeds, gen, device)
             R = torch.as_tensor(b["reward"], dtype=torch.float32).view(K, cfg.num_generations)
-            A = g.step_advantages(cfg, b, g.group_advantages(R).view(-1), device)
-            g.grpo_update(policy, None, opt, cfg, b, A, None, gen, device)
+            A = arms.step_advantages(cfg, b, g.group_advantages(R).view(-1), device)
+            arms.grpo_update(policy, None, opt, cfg, b, A, None, gen, device)
         rows.append({"trajectories": K * cfg.num_generations, "s_per_iter": timed(iteration)})
     return rows
 
@@ -197,19 +198,20 @@ PEAK_RSS = ("import atexit, sys; atexit.register(lambda: print('PEAK_RSS_KIB', n
             "open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr)); ")
 
 
+def peak_mib(stderr: str) -> float:
+    return int(next(line.split()[1] for line in stderr.splitlines() if line.startswith("PEAK_RSS_KIB"))) / 1024
+
+
 def run_subprocess(args: list[str], out: str) -> tuple[float, dict, list[dict], float]:
     """Seconds, summary, metrics and peak RSS (MiB) of `python grpo_cls.py ARGS`."""
     argv = ["grpo_cls.py", *args, "--out", out, "--overwrite", "--quiet"]
-    code = PEAK_RSS + f"import runpy; sys.argv = {argv!r}; runpy.run_path('grpo_cls.py', run_name='__main__')"
+    script = os.path.join(ROOT, "grpo_cls.py")
+    code = PEAK_RSS + f"import runpy; sys.argv = {argv!r}; runpy.run_path({script!r}, run_name='__main__')"
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return seconds, json.load(open(os.path.join(out, "summary.json"))), metrics, peak_mib(r.stderr)
-
-
-def peak_mib(stderr: str) -> float:
-    return int(next(line.split()[1] for line in stderr.splitlines() if line.startswith("PEAK_RSS_KIB"))) / 1024
 
 
 def torch_baseline_rss_mib() -> float:
@@ -217,14 +219,44 @@ def torch_baseline_rss_mib() -> float:
     return peak_mib(r.stderr)
 
 
+def print_table(r: dict):
+    rows = [
+        ("rollout efficiency", f"{r['rollout_efficiency']:.2f}", ">= 0.9",
+         f"{r['rollout_steps_per_s']:.0f} steps/s vs ceiling {r['rollout_ceiling']:.0f} "
+         f"(R_forward {r['R_forward']:.0f}, R_env {r['R_env']:.0f})"),
+        ("update efficiency", f"{r['update_efficiency']:.2f}", ">= 0.85",
+         f"{r['update_samples_per_s']:.0f} vs bare {r['bare_update_samples_per_s']:.0f} samples/s"),
+        ("end-to-end efficiency", f"{r['end_to_end_efficiency']:.2f}", ">= 0.8",
+         f"{r['env_steps_per_s']:.0f} env steps/s in the default run; against the ceilings measured before / "
+         f"after it alone: " + " / ".join(f"{v:.2f}" for v in r["end_to_end_before_after"])),
+        ("eval + diagnostics share", f"{r['eval_and_diag_share']:.1%}", "< 15%",
+         ", ".join(f"{k} {v:.0%}" for k, v in r["time_share"].items())),
+        ("batched vs naive", f"{r['batched_speedup']:.1f}x", ">= 10x", f"naive {r['naive_steps_per_s']:.0f} steps/s"),
+        ("scaling (s/iter)", " / ".join(f"{s['s_per_iter']:.2f}" for s in r["scaling"]), "<= linear",
+         "at " + " / ".join(str(s["trajectories"]) for s in r["scaling"]) + " trajectories per iteration"),
+        ("memory growth 5 -> 50 it", f"{r['mem_growth']:+.1%}", "< 10%",
+         f"{r['rss_5_iters_mib']:.0f} -> {r['rss_50_iters_mib']:.0f} MiB above import torch "
+         f"({r['rss_torch_import_mib']:.0f} MiB)"),
+        ("default run", f"{r['default_run_s']:.1f} s", "< 60 s", f"final in-domain success {r['default_success_rate']:.2f}"),
+    ]
+    print(f"\n{r['machine']}")
+    print(f"{'measure':<26} {'value':>18} {'target':>9}  detail")
+    for name, value, target, detail in rows:
+        print(f"{name:<26} {value:>18} {target:>9}  {detail}")
+    print("threads: " + "; ".join(f"{n}: rollout {v['rollout_steps_per_s']:.0f} steps/s, update "
+                                  f"{v['update_samples_per_s']:.0f} samples/s" for n, v in r["threads"].items()))
+    print("forward samples/s by batch: " + ", ".join(f"{k}: {v:.0f}" for k, v in
+                                                    r["forward_samples_per_s_by_batch"].items()))
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=g.Config.threads, help="torch CPU threads")
+    p = argparse.ArgumentParser(prog="python -m studies.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=arms.ArmConfig.threads, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default="bench.json")
+    p.add_argument("--out", default="results/bench.json")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="grpo_cls_bench_")
-    base = g.Config(cls_weight=0.5, threads=args.threads, device=args.device, out=tmp, quiet=True)
+    base = arms.ArmConfig(cls_weight=0.5, threads=args.threads, device=args.device, out=tmp, quiet=True)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"torch {torch.__version__}, {args.device}, {args.threads} threads",
               "config": "grpo_cls.py defaults with --cls-weight 0.5"}
@@ -279,7 +311,7 @@ def main():
     print("6/6 threads: rollout and update rates at 1 and 2 threads ...", flush=True)
     report["threads"] = {}
     for n in (1, 2):
-        cfg = g.Config(**{**base.__dict__, "threads": n})
+        cfg = arms.ArmConfig(**{**base.__dict__, "threads": n})
         device, tok, policy, gen, rng, envs_ = setup(cfg)
         r = measure_rollout(cfg, device, tok, policy, gen, rng, envs_)
         u = measure_update(cfg, device, policy, gen, r.pop("batch"))
@@ -290,36 +322,6 @@ def main():
         json.dump(report, f, indent=2, default=float)
     print_table(report)
     print(f"wrote {args.out}")
-
-
-def print_table(r: dict):
-    rows = [
-        ("rollout efficiency", f"{r['rollout_efficiency']:.2f}", ">= 0.9",
-         f"{r['rollout_steps_per_s']:.0f} steps/s vs ceiling {r['rollout_ceiling']:.0f} "
-         f"(R_forward {r['R_forward']:.0f}, R_env {r['R_env']:.0f})"),
-        ("update efficiency", f"{r['update_efficiency']:.2f}", ">= 0.85",
-         f"{r['update_samples_per_s']:.0f} vs bare {r['bare_update_samples_per_s']:.0f} samples/s"),
-        ("end-to-end efficiency", f"{r['end_to_end_efficiency']:.2f}", ">= 0.8",
-         f"{r['env_steps_per_s']:.0f} env steps/s in the default run; against the ceilings measured before / "
-         f"after it alone: " + " / ".join(f"{v:.2f}" for v in r["end_to_end_before_after"])),
-        ("eval + diagnostics share", f"{r['eval_and_diag_share']:.1%}", "< 15%",
-         ", ".join(f"{k} {v:.0%}" for k, v in r["time_share"].items())),
-        ("batched vs naive", f"{r['batched_speedup']:.1f}x", ">= 10x", f"naive {r['naive_steps_per_s']:.0f} steps/s"),
-        ("scaling (s/iter)", " / ".join(f"{s['s_per_iter']:.2f}" for s in r["scaling"]), "<= linear",
-         "at " + " / ".join(str(s["trajectories"]) for s in r["scaling"]) + " trajectories per iteration"),
-        ("memory growth 5 -> 50 it", f"{r['mem_growth']:+.1%}", "< 10%",
-         f"{r['rss_5_iters_mib']:.0f} -> {r['rss_50_iters_mib']:.0f} MiB above import torch "
-         f"({r['rss_torch_import_mib']:.0f} MiB)"),
-        ("default run", f"{r['default_run_s']:.1f} s", "< 60 s", f"final in-domain success {r['default_success_rate']:.2f}"),
-    ]
-    print(f"\n{r['machine']}")
-    print(f"{'measure':<26} {'value':>18} {'target':>9}  detail")
-    for name, value, target, detail in rows:
-        print(f"{name:<26} {value:>18} {target:>9}  {detail}")
-    print("threads: " + "; ".join(f"{n}: rollout {v['rollout_steps_per_s']:.0f} steps/s, update "
-                                  f"{v['update_samples_per_s']:.0f} samples/s" for n, v in r["threads"].items()))
-    print("forward samples/s by batch: " + ", ".join(f"{k}: {v:.0f}" for k, v in
-                                                    r["forward_samples_per_s_by_batch"].items()))
 
 
 if __name__ == "__main__":

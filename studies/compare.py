@@ -10,7 +10,7 @@ and a block of docs/claim4.md between markers (the tables are generated, never t
 
 Plain GRPO also runs on --coupling-seeds, for claim 3b's coupling measure (coupling_measures).
 Every run of one (task, seed) starts from the same cold-started policy: it is computed once and
-handed to grpo_cls.train as an iteration-0 checkpoint. This gives bit for bit the run a fresh start
+handed to studies.arms.train as an iteration-0 checkpoint. This gives bit for bit the run a fresh start
 would (a test checks it), makes the comparison paired, and saves the cold start in every other run.
 `make compare` is the short version: 20 iterations on the development seeds 1-5, about 20 minutes on 2
 CPU cores as two single-thread workers. `make matrix` is the pre-registered one (results/PROTOCOL.md).
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing as mp
 import os
 import shlex
 import sys
@@ -32,32 +31,16 @@ import numpy as np
 import torch
 
 import grpo_cls as g
+from studies import arms
+from studies.labels import label_quality, label_table
+from studies.stats import PROB_FLOOR, cell, mean_ci, verdict
+from studies.store import ARMS, TASKS, arm_config, is_done, recheck, run_all, seed_list, update_doc
 
-TASKS = {  # name -> the Config fields of the task
-    "text": {"env": "text"},
-    "grid": {"env": "grid"},
-    "text-nomask": {"env": "text", "action_mask": "none"},  # Kitchen as an LLM agent plays it: all 33 commands
-    "empty": {"env": "MiniGrid-Empty-5x5-v0"},  # the MiniGrid rooms (envs.OracleMiniGrid; pip install minigrid)
-    "lavagap": {"env": "MiniGrid-LavaGapS5-v0"},
-    "doorkey": {"env": "MiniGrid-DoorKey-5x5-v0"},
-}
-ARMS = {  # name -> the Config fields that differ from plain GRPO
-    "plain": {},
-    "cls-advantage": {"cls_weight": 0.5, "cls_labels": "advantage"},
-    "cls-oracle": {"cls_weight": 0.5, "cls_labels": "oracle"},
-    "cls-step": {"cls_weight": 0.5, "cls_labels": "step"},
-    "gigpo": {"adv": "gigpo"},
-    "cls-loop": {"cls_weight": 0.5, "cls_labels": "loop"},
-    "shape-oracle": {"shaping": "oracle"},  # the same labels as cls-oracle, carried by the reward
-    "shape-loop": {"shaping": "loop"},
-    "shape-oracle-lambda0.2": {"shaping": "oracle", "shaping_lambda": 0.2},
-}
 DEFAULT_ARMS = "plain,cls-advantage,cls-oracle,cls-step,gigpo"  # make compare and make matrix
 CHANNELS = (("cls-oracle", "shape-oracle"), ("cls-loop", "shape-loop"),  # same labels, two channels
             ("cls-oracle", "shape-oracle-lambda0.2"))
 SWEEP_WEIGHTS = (0.1, 2.0)  # with 0.5 from stage 1
 ITERS = 20  # what fits the 20-minute budget on 2 cores: 17 min (30 iterations took 22)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t
 SUCCESS_BAR, SMOOTH = 0.9, 5  # "steps to 0.9": first iteration whose last-5-iterations training success >= 0.9
 METRICS = [  # (key, column title, digits)
     ("success", "in-domain success", 3), ("ood_success", "held-out success", 3), ("flawed", "flawed rate", 3),
@@ -67,118 +50,8 @@ METRICS = [  # (key, column title, digits)
 
 
 # ---------------------------------------------------------------------------------------------
-# Runs: one shared cold start per (task, seed), then every arm from it
-# ---------------------------------------------------------------------------------------------
-
-def arm_config(task: str, seed: int, overrides: dict, iters: int, out: str):
-    """The default config but for the arm, the length, one thread, and one evaluation, at the end (the
-    evaluations never touch the training's random streams, so this changes no training step)."""
-    fields = TASKS[task] | {"seed": seed, "iters": iters, "eval_every": iters, "threads": 1, "quiet": True,
-                            "overwrite": True, "no_plots": True, "out": out}
-    return g.Config(**(fields | overrides))  # an arm's overrides come last (replicate.py's evaluation every 10)
-
-
-def cold_start_checkpoint(cfg) -> None:
-    """What train() does before its first iteration: cold start, evaluate, save the iteration-0
-    checkpoint, here into cfg.out."""
-    device, tok, policy, gen, rng = g.build(cfg)
-    train_envs = g.make_envs(cfg, cfg.tasks_per_iter * cfg.num_generations)
-    evaluation = g.Evaluation(cfg, tok, device, *g.probes_and_pairs(cfg, train_envs[0]))
-    run = g.RunState(cfg, policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr), None, gen, rng,
-                     cls_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1))
-    os.makedirs(cfg.out, exist_ok=True)
-    t0 = time.time()
-    g.cold_start(policy, cfg, train_envs, tok, rng, gen, device)
-    row = {"iter": 0, "env_steps": 0} | {k: None for k in g.ROW_KEYS} | evaluation(policy, 0)
-    run.metrics.append(row | {"wall_s": round(time.time() - t0, 3)})
-    g.save_checkpoint(run)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:  # what is_done() compares
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-
-
-def from_cold_start(init: dict, cfg) -> dict:
-    """The shared iteration-0 checkpoint, fitted to this arm: its config, a fresh optimizer (none has
-    stepped yet), and the parameters the cold start never touches (the classifier's) at this arm's own
-    initial values."""
-    _, _, policy, _, _ = g.build(cfg)
-    model = policy.state_dict() | init["model"]
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    ref = model if cfg.beta > 0 else None  # at iteration 0 the policy is the cold start, pi_ref
-    return init | {"model": model, "optimizer": opt.state_dict(), "ref": ref, "config": dataclasses.asdict(cfg)}
-
-
-def run_job(job: tuple) -> tuple:
-    """One unit of work in a worker process: ("init", cfg fields) or ("arm", cfg fields, init folder)."""
-    kind, fields = job[0], job[1]
-    cfg = g.Config(**fields)
-    if kind == "init":
-        cold_start_checkpoint(cfg)
-    else:
-        init = g.load_checkpoint(job[2])
-        g.train(cfg, from_cold_start(init, cfg))
-    return job
-
-
-def is_done(fields: dict, last_file: str = "summary.json") -> bool:
-    """A finished run (or cold start) of exactly this config: a changed arm, length or seed is run
-    again, never mixed in. config.json records the device and thread count actually used."""
-    try:
-        saved = json.load(open(os.path.join(fields["out"], "config.json")))
-    except (OSError, ValueError):
-        return False
-    # a field added to Config after the run was saved counts at its default (defaults keep the old code path);
-    # a field that cannot change this run is not compared (a plain run has no classifier labels)
-    idle = {"overwrite", "device", "threads", "baseline"}
-    idle |= {"cls_labels", "cls_design", "cls_channel"} if fields["cls_weight"] == 0 else set()
-    idle |= {"shaping_lambda"} if fields.get("shaping", "none") == "none" else set()
-    same = all(saved.get(k, getattr(g.Config, k, None)) == v for k, v in fields.items() if k not in idle)
-    if not same or not os.path.isfile(os.path.join(fields["out"], last_file)):
-        return False
-    if last_file != "summary.json":  # a cold start: the update never ran, so its version cannot matter
-        return True
-    if saved.get("update", 1) != g.UPDATE_VERSION:  # trained by another grpo_update (one joint clip)
-        return False
-    with open(os.path.join(fields["out"], "metrics.jsonl")) as f:  # and it reached its last iteration
-        return json.loads(f.read().splitlines()[-1])["iter"] == fields["iters"]
-
-
-def run_all(jobs: list[tuple], workers: int, desc: str):
-    """Run the jobs on `workers` single-thread processes, with a progress bar."""
-    from tqdm import tqdm
-    if not jobs:
-        return
-    ctx = mp.get_context("spawn")  # fresh interpreters: no torch state or thread pool is forked
-    with ctx.Pool(workers) as pool, tqdm(total=len(jobs), desc=desc, unit="run") as bar:
-        for _ in pool.imap_unordered(run_job, jobs):
-            bar.update()
-
-
-# ---------------------------------------------------------------------------------------------
 # What each run measured
 # ---------------------------------------------------------------------------------------------
-
-def run_measures(run: str) -> dict:
-    """The table's numbers for one run, read from its metrics.jsonl."""
-    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    last = lambda k: next((r[k] for r in reversed(rows) if r.get(k) is not None), None)  # noqa: E731
-    probe = [(r["iter"], r["probe_flawed_prob"]) for r in rows if r["probe_flawed_prob"] is not None]
-    it, p = np.array(probe).T                                   # iterations, pi(flawed | flawed twin)
-    success = np.array([r["train_success_rate"] for r in rows[1:]])
-    smooth = np.convolve(success, np.ones(SMOOTH) / SMOOTH, mode="valid")  # smooth[i]: iterations i+1..i+SMOOTH
-    hit = np.flatnonzero(smooth >= SUCCESS_BAR)
-    return coupling_measures(rows) | {
-            "success": last("success_rate"), "ood_success": last("ood_success_rate"), "flawed": last("flawed_rate"),
-            "probe_peak": float(p[1:].max()),  # after iteration 0, the cold start that every arm shares
-            "probe_area": float(((p[1:] + p[:-1]) / 2 * np.diff(it)).sum() / (it[-1] - it[0])),  # trapezoid mean
-            "grad_cos": last("grad_cos_twin"), "embed_cos": last("embed_cos_good_bad"),
-            "steps_to_bar": rows[hit[0] + SMOOTH]["env_steps"] if len(hit) else None,
-            "invalid": [r.get("train_invalid_rate") for r in rows[1:]],  # None where the policy is masked
-            "curves": {k: [r[k] for r in rows] for k in ("train_success_rate", "train_flawed_rate")}
-            | {"probe": probe}}
-
-
-PROB_FLOOR = 1e-12  # a probability logged as 0 (float underflow) is read as this before its log
-
 
 def coupling_measures(rows: list[dict]) -> dict:
     """Coupling over training, against the within-run control (results/PROTOCOL.md, C1). At each twin
@@ -198,73 +71,24 @@ def coupling_measures(rows: list[dict]) -> dict:
             "peak_ratio": float(p[1:].max() / p[0])}
 
 
-def verdict(values: list, lower_is_better: bool | None = None) -> str:
-    """The pre-registered rule (results/PROTOCOL.md): an effect is a paired 95% t-interval that excludes 0."""
-    m, h = mean_ci(values)
-    if abs(m) <= h:
-        return "no effect (CI includes 0)"
-    word = "higher" if m > 0 else "lower"
-    if lower_is_better is None:
-        return word
-    return f"{word}: {'better' if (m < 0) == lower_is_better else 'worse'}"
-
-
-def t975(df: int) -> float:
-    """The 97.5% quantile of Student's t: exact to 3 decimals from the table, and for df >= 10 the
-    Cornish-Fisher expansion around the normal's 1.96 (within 0.005 of the exact value)."""
-    if df in T975:
-        return T975[df]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def mean_ci(values: list) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval (0 for one value)."""
-    v = np.asarray(values, dtype=float)
-    half = t975(len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
-    return float(v.mean()), float(half)
-
-
-def cell(values: list, digits: int, n: int) -> str:
-    """'mean ± half-width', with 'k/n' when only k of the n seeds have a value."""
-    got = [v for v in values if v is not None]
-    if not got:
-        return f"not reached (0/{n})"
-    m, h = mean_ci(got)
-    text = f"{m:.{digits}f} ± {h:.{digits}f}" if digits else f"{m:,.0f} ± {h:,.0f}"
-    return text + (f" ({len(got)}/{n})" if len(got) < n else "")
-
-
-LABEL_SOURCES = ("advantage", "step", "loop", "loop-repaired")
-
-
-def label_quality(task: str, seed: int, init: str) -> dict:
-    """How good is each label source? A batch of K x G episodes like a training batch, played by the
-    seed's cold-started policy. Per source: the share of steps it labels; among those, how often its
-    label agrees with the oracle's flawed flag, and how often the better constant guess would; and on
-    flawed steps, its precision (labelled bad and truly flawed, over labelled bad) and recall (labelled
-    bad, over all flawed steps of the batch). For 'oracle' labels all of these are 1 by definition."""
-    cfg = arm_config(task, seed, {"cls_weight": 0.5, "cls_labels": "step"}, ITERS, "unused")
-    plain = arm_config(task, seed, {}, ITERS, "unused")
-    device, tok, policy, gen, rng = g.build(plain)
-    policy.load_state_dict(g.load_checkpoint(init)["model"])
-    K, G = cfg.tasks_per_iter, cfg.num_generations
-    envs_ = g.make_envs(cfg, K * G)
-    tasks, seeds = np.repeat(rng.integers(2**31 - 1, size=K), G), rng.integers(2**31 - 1, size=K * G)
-    b = g.rollout(policy, envs_, tok, tasks, seeds, gen, device, use_mask=cfg.action_mask == "env", keys=True)
-    R = torch.as_tensor(b["reward"], dtype=torch.float32, device=device).view(K, G)
-    A = g.step_advantages(cfg, b, g.group_advantages(R, cfg.scale_rewards).view(-1), device)
-    flawed = torch.as_tensor(b["flawed"], device=device)
-    out = {}
-    for source in LABEL_SOURCES:
-        y, labelled = g.classifier_labels(dataclasses.replace(cfg, cls_labels=source), b, A, device)
-        bad = flawed[labelled].float().mean().item()  # a constant guess agrees max(bad, 1 - bad) of the time
-        said_bad = labelled & (y > 0)
-        precision = flawed[said_bad].float().mean().item() if said_bad.any() else None
-        recall = said_bad[flawed].float().mean().item() if flawed.any() else None
-        out[source] = (labelled.float().mean().item(), (y[labelled] == flawed[labelled]).float().mean().item(),
-                       max(bad, 1 - bad), precision, recall, flawed.float().mean().item())
-    return out
+def run_measures(run: str) -> dict:
+    """The table's numbers for one run, read from its metrics.jsonl."""
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    last = lambda k: next((r[k] for r in reversed(rows) if r.get(k) is not None), None)  # noqa: E731
+    probe = [(r["iter"], r["probe_flawed_prob"]) for r in rows if r["probe_flawed_prob"] is not None]
+    it, p = np.array(probe).T                                   # iterations, pi(flawed | flawed twin)
+    success = np.array([r["train_success_rate"] for r in rows[1:]])
+    smooth = np.convolve(success, np.ones(SMOOTH) / SMOOTH, mode="valid")  # smooth[i]: iterations i+1..i+SMOOTH
+    hit = np.flatnonzero(smooth >= SUCCESS_BAR)
+    return coupling_measures(rows) | {
+            "success": last("success_rate"), "ood_success": last("ood_success_rate"), "flawed": last("flawed_rate"),
+            "probe_peak": float(p[1:].max()),  # after iteration 0, the cold start that every arm shares
+            "probe_area": float(((p[1:] + p[:-1]) / 2 * np.diff(it)).sum() / (it[-1] - it[0])),  # trapezoid mean
+            "grad_cos": last("grad_cos_twin"), "embed_cos": last("embed_cos_good_bad"),
+            "steps_to_bar": rows[hit[0] + SMOOTH]["env_steps"] if len(hit) else None,
+            "invalid": [r.get("train_invalid_rate") for r in rows[1:]],  # None where the policy is masked
+            "curves": {k: [r[k] for r in rows] for k in ("train_success_rate", "train_flawed_rate")}
+            | {"probe": probe}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,17 +191,6 @@ def default_label_rule(results: dict, seeds) -> list[str]:
     return lines
 
 
-def label_table(quality: dict, tasks, seeds) -> list[str]:
-    lines = ["| task | label source | share of steps labelled | labels that agree with the oracle | "
-             "a constant guess on the same steps | precision on flawed steps | recall on flawed steps | "
-             "flawed share of all steps |", "|---|---|---|---|---|---|---|---|"]
-    for t in tasks:
-        for source in LABEL_SOURCES:
-            cols = zip(*(quality[(t, s)][source] for s in seeds))
-            lines.append(f"| {t} | {source} | " + " | ".join(cell(list(c), 2, len(seeds)) for c in cols) + " |")
-    return lines
-
-
 def plot_curves(results: dict, tasks, arms, seeds, path: str, title: str):
     """Mean over seeds, with a band from the lowest to the highest seed."""
     import matplotlib
@@ -409,7 +222,7 @@ def plot_curves(results: dict, tasks, arms, seeds, path: str, title: str):
 def pair_embeddings(cfg, state: dict, n_tasks: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """phi(s, a) of the actions a noisy scripted agent (half its actions random) takes on fixed tasks,
     and the oracle's flawed flags: (N, d) and (N,). The same pairs for every policy (fixed seeds)."""
-    device, tok, policy, gen, _ = g.build(cfg)
+    device, tok, policy, gen, _ = arms.build(cfg)
     policy.load_state_dict(state)
     envs_, rng = g.make_envs(cfg, n_tasks), np.random.default_rng(0)
 
@@ -501,59 +314,14 @@ def plot_embeddings(panels: list, path: str):
     plt.close(fig)
 
 
-def recheck(run: str, init: str) -> int:
-    """Train a stored run again from its cold start, with this code, in a temporary folder, and compare
-    every metrics.jsonl field but the clocks and memory. 0 if all match (the run can be reused)."""
-    import tempfile
-    if not os.path.isfile(os.path.join(run, "metrics.jsonl")):  # a fresh machine: nothing will be reused
-        print(f"{run}: no stored run, nothing to check")
-        return 0
-    saved = json.load(open(os.path.join(run, "config.json")))
-    if saved.get("update", 1) != g.UPDATE_VERSION:  # is_done re-runs it: there is nothing to reuse or check
-        print(f"{run}: trained by update {saved.get('update', 1)}, not {g.UPDATE_VERSION}; it will be re-run, "
-              f"not reused")
-        return 0
-    names = {f.name for f in dataclasses.fields(g.Config)}
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = g.Config(**{k: v for k, v in saved.items() if k in names} | {"out": tmp, "overwrite": True})
-        g.train(cfg, from_cold_start(g.load_checkpoint(init), cfg))
-        fresh = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
-    stored = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    clock = lambda k: k in ("wall_s", "rss_mib", "peak_rss_mib") or k.startswith("time_")  # noqa: E731
-    differ = sorted({k for a, b in zip(stored, fresh) for k in a if not clock(k) and a[k] != b.get(k)}
-                    | ({"rows"} if len(stored) != len(fresh) else set()))
-    new = sorted({k for b in fresh for k in b} - {k for a in stored for k in a})  # logged since the run was stored
-    verdict_text = f"differs in {', '.join(differ)}" if differ else "every stored field identical (clocks aside)"
-    print(f"{run}: {len(fresh)} rows, {verdict_text}" + (f"; not in the stored run: {', '.join(new)}" if new else ""))
-    return 1 if differ else 0
-
-
-def update_doc(block: str, marker: str, path: str = "docs/claim4.md", writer: str = "compare.py"):
-    """Replace the text between the doc's `marker` markers with `block`."""
-    begin, end = f"<!-- {marker}:begin (written by {writer}) -->", f"<!-- {marker}:end -->"
-    text = open(path).read()
-    if begin not in text or end not in text:
-        print(f"note: {path} has no {marker} markers; the report is in the results folder only", file=sys.stderr)
-        return
-    head, rest = text.split(begin)
-    open(path, "w").write(head + begin + "\n" + block + "\n" + end + rest.split(end, 1)[1])
-
-
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
-def seed_list(text: str) -> list[int]:
-    """'1-5' or '9101-9108,9120' -> the seeds, in order."""
-    seeds = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        seeds += list(range(int(lo), int(hi or lo) + 1))
-    return seeds
-
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Claim 4: the classifier arms against plain GRPO and GiGPO (make compare)",
+    p = argparse.ArgumentParser(prog="python -m studies.compare",
+                                description="Claim 4: the classifier arms against plain GRPO and GiGPO (make compare)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--iters", type=int, default=ITERS, help="GRPO iterations per run (the default run has 100)")
     p.add_argument("--seeds", default="1-5", help="seeds of every cell, as '1-5' or '9101-9108,9120'; "
@@ -582,7 +350,7 @@ def parse_args(argv=None):
     tasks = [t for t in TASKS if TASKS[t]["env"] in ("text", "grid")]  # the tasks with twin probes
     if args.arms[0] != "plain" or not set(args.arms) <= set(ARMS) or not set(args.tasks.split(",")) <= set(tasks):
         p.error(f"--arms must start with plain and come from {', '.join(ARMS)}; --tasks from {', '.join(tasks)} "
-                f"(the MiniGrid rooms have no twin probes: replicate.py)")
+                f"(the MiniGrid rooms have no twin probes: studies.replicate)")
     if not set(args.stage2_tasks.split(",")) <= set(args.tasks.split(",")):
         p.error("every --stage2-tasks entry must also be in --tasks (stage 2 picks its labels from stage 1)")
     try:
@@ -703,7 +471,7 @@ def report(args, results: dict, best: str | None, took: str) -> str:
     label quality and stage 2."""
     tasks, seeds, arms = args.tasks.split(","), args.seeds, args.arms
     seed_text = ",".join(map(str, seeds))
-    lines = [f"Generated by `python compare.py {args.command}`: {args.iters}-iteration runs, seeds {seed_text}, default "
+    lines = [f"Generated by `python -m studies.compare {args.command}`: {args.iters}-iteration runs, seeds {seed_text}, default "
              f"config otherwise; every cell is the mean ± the half-width of a 95% Student-t interval over seeds. "
              + RULES + ("" if args.no_stage2 else f"Stage 2 uses {best}, the label source with the lowest mean final "
                         f"flawed rate in stage 1, pooled over the tasks. ") + took]

@@ -467,10 +467,9 @@ def add_grads(a: list, b: list) -> list:
 
 def classifier_stream(policy, cfg: Config, x, m, a, y, labelled, jdx, params: list) -> tuple:
     """The classifier's term on its share jdx (b',) of the labelled steps, in pieces of minibatch_size
-    samples, so that peak memory is one minibatch's however large b' grows (the last piece is padded with a
-    repeat that carries no weight: every piece has one shape, and glibc's heap then does not fragment and
-    climb). Returns the verdicts c (b',), cls_loss (the mean over jdx, as one forward would give) and the
-    gradient of cls_weight * cls_loss."""
+    samples so that peak memory is one minibatch's (the last piece padded with a weightless repeat: every
+    piece has one shape). Returns the verdicts c (b',), cls_loss (the mean over jdx, as one forward would
+    give) and the gradient of cls_weight * cls_loss."""
     c, cls_loss, grads = [], torch.zeros((), device=x.device), [None] * len(params)
     for part in jdx.split(cfg.minibatch_size):                                    # (<= minibatch_size,)
         n = len(part)
@@ -493,8 +492,9 @@ def grpo_update(run, batch, A, labels) -> list[dict]:
     plain GRPO does. The labelled steps, drawn with the classifier's own run.cls_gen, are spread over the
     same optimizer steps: they change neither the plain samples, their order, nor the number of steps."""
     policy, cfg, device = run.policy, run.cfg, A.device
-    x, m, a, logp_old = (torch.as_tensor(batch[k], device=device) for k in ("tokens", "mask", "action", "logp"))
-    flawed = torch.as_tensor(batch["flawed"], device=device)
+    x = torch.as_tensor(batch["tokens"], device=device)                                         # (S, L)
+    m = torch.as_tensor(batch["mask"], device=device)                                       # (S, n_act)
+    a, logp_old, flawed = (torch.as_tensor(batch[k], device=device) for k in ("action", "logp", "flawed"))  # (S,)
     params = list(policy.parameters())
     pg_idx = torch.as_tensor(informative_steps(batch, cfg.num_generations), device=device)     # (S_pg,)
     logs = []
@@ -812,7 +812,6 @@ def evaluate(policy, tok, eval_envs, gen, device, use_mask=True) -> dict:
             "return": float(b["reward"].mean()), "transcript": b["transcript"]}
 
 
-
 class Evaluation:
     """The fixed in-domain and held-out tasks, the twin probes, and a generator reseeded at every call so
     that every evaluation sees the same sampling noise. evaluation(policy, it) -> its metrics."""
@@ -875,7 +874,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LAB_FIELDS_OFF = {"adv": "grpo", "cls_design": "shared", "cls_channel": "head", "shaping": "none"}
 UPDATE_VERSION = 2  # config.json's "update": 2 clips each stream on its own; a run without it had one clip
 NOT_COMPARED = ("cls_weight", "cls_labels", "out", "overwrite", "resume", "quiet", "no_plots", "baseline",
-                "device", "threads", "twin_pairs")  # where a baseline may differ
+                "device", "threads", "twin_pairs",  # where a baseline may differ; and what a plain run does not read
+                "cls_design", "cls_channel")  # of a lab run's classifier
 
 
 def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | None:
@@ -896,7 +896,7 @@ def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | 
         why = "has no readable config.json and metrics.jsonl"
     else:
         mine = dataclasses.asdict(cfg)
-        differ = [k for k in mine if k not in NOT_COMPARED and saved.get(k, getattr(Config, k)) != mine[k]]
+        differ = [k for k in mine if k not in NOT_COMPARED and saved.get(k, getattr(type(cfg), k)) != mine[k]]
         differ += [k for k, off in LAB_FIELDS_OFF.items() if k not in mine and saved.get(k, off) != off]
         same_start = all(rows[0].get(k) == metrics[0].get(k) for k in ("success_rate", "flawed_rate",
                                                                       "probe_flawed_prob"))
@@ -992,7 +992,8 @@ def memory_mib() -> dict:
 
 
 # fields that fix the model's shape or the meaning of its state: a resume may not change them
-SHAPE_FIELDS = ("env", "env_kwargs", "d_model", "n_layers", "n_heads", "tasks_per_iter", "num_generations")
+SHAPE_FIELDS = ("env", "env_kwargs", "d_model", "n_layers", "n_heads", "tasks_per_iter", "num_generations",
+                "cls_design")  # the last, a lab run's
 
 
 def save_checkpoint(run: RunState):
@@ -1130,6 +1131,7 @@ class RunLog:
     """The run folder's metrics.jsonl, config.json and checkpoint, the progress bar and the phase clocks.
     A context manager: the files and the bar are closed however the run ends."""
     row_keys = ROW_KEYS  # every field of a metrics row, None where an iteration has no value
+    resume_with = "python grpo_cls.py --resume"  # what the messages tell a stopped run to run
 
     def __init__(self, run: RunState, checkpoint: dict | None):
         self.run, self.cfg, self.ckpt = run, run.cfg, checkpoint
@@ -1221,14 +1223,14 @@ class RunLog:
             plot_run(metrics, cfg.out, baseline)
         if stopped:
             raise Interrupted(f"interrupted after iteration {metrics[-1]['iter']}; resume with: "
-                              f"python grpo_cls.py --resume {cfg.out}")
+                              f"{self.resume_with} {cfg.out}")
         return summary
 
     def hard_stop_message(self) -> str:
         if self.saved is None:
             return "stopped before the first checkpoint; nothing to resume"
         return (f"stopped at once; the checkpoint of iteration {self.saved} is intact; resume with: "
-                f"python grpo_cls.py --resume {self.cfg.out}")
+                f"{self.resume_with} {self.cfg.out}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1340,6 +1342,9 @@ def parse_args(argv=None, config=Config, prog: str = "grpo_cls.py") -> tuple[Con
             checkpoint = load_checkpoint(args["resume"])
             lab = [f"{k}={v!r}" for k, off in LAB_FIELDS_OFF.items() if k not in args
                    and (v := checkpoint["config"].get(k, off)) != off]
+            labels = checkpoint["config"].get("cls_labels", "oracle")
+            if labels not in config.__dataclass_fields__["cls_labels"].metadata["choices"]:
+                lab.append(f"cls_labels={labels!r}")
             if lab:
                 raise TrainingError(f"the checkpoint was trained by the lab ({', '.join(lab)}); resume it with "
                                     f"python -m studies.arms --resume {args['resume']}")
@@ -1385,6 +1390,7 @@ def print_summary(s: dict, cfg: Config):
                         ("success, held-out", "ood_success_rate")) + probes:
             print(f"  {name:32}{f(s[k]):>10}{f(s['baseline_' + k]):>12}")
     print(f"  run folder    {cfg.out}  (curves.png, coupling.png, metrics.jsonl, episode_*.txt)")
+
 
 def main(argv=None, config=Config, train_fn=train, prog: str = "grpo_cls.py"):
     """The command line. studies/arms.py runs its own Config and trainer through it."""

@@ -853,6 +853,51 @@ def test_an_update_on_tied_groups_takes_no_step():
     assert all(torch.equal(p, q) for p, q in zip(run.policy.parameters(), before))
 
 
+def test_the_kl_term_pulls_the_policy_toward_the_reference_and_only_with_beta():
+    """With every advantage 0 the clipped surrogate has no gradient: an update then moves the policy only
+    through beta * kl, toward a reference it differs from, and not at all with beta = 0."""
+    cfg = tiny(out="unused", env="grid", tasks_per_iter=8, num_generations=8, sft_steps=0)
+    batch, A = random_grid_batch(cfg)
+    A = torch.zeros_like(A)
+    moved = {}
+    for beta in (0.0, 1.0):
+        run = run_of(dataclasses.replace(cfg, beta=beta), torch.optim.SGD, lr=0.1)
+        ref = copy.deepcopy(run.policy).requires_grad_(False)
+        with torch.no_grad():
+            ref.policy_head.weight.mul_(-1.0)  # a reference the policy differs from
+        run.ref = ref
+        x, m, a = (torch.as_tensor(batch[k]) for k in ("tokens", "mask", "action"))
+        kl = lambda: g.kl_k3(torch.log_softmax(run.policy(x, m)[0], -1).gather(1, a[:, None]).squeeze(1),  # noqa: E731
+                             torch.log_softmax(ref(x, m)[0], -1).gather(1, a[:, None]).squeeze(1)).mean().item()
+        before = kl()
+        logs = g.grpo_update(run, batch, A, None)
+        moved[beta] = before - kl()
+        assert all(step["kl"] > 0 for step in logs)
+    assert moved[0.0] == 0 and moved[1.0] > 0
+
+
+def test_update_stats_reduce_the_steps_logs_as_their_names_say():
+    """Two optimizer steps' logs, written by hand: means of the terms, the share of clipped steps, the
+    classifier's accuracy over every verdict of the steps that had one, and the first non-finite term."""
+    cfg = tiny(out="unused", cls_weight=0.5, max_grad_norm=1.0)
+    run = run_of(cfg)
+    t = lambda *v: torch.tensor(v)  # noqa: E731
+    step = dict(pg_loss=t(1.0), kl=t(0.0), entropy=t(2.0), clip_frac=t(0.5), cls_loss=t(0.0),
+                cls_grad_norm=t(0.0), c=None, y=None, flawed=None)
+    logs = [step | dict(pg_grad_norm=t(0.5)),
+            step | dict(pg_loss=t(3.0), pg_grad_norm=t(2.0), cls_loss=t(0.7), c=t(1.0, -1.0, 2.0),
+                        y=t(1.0, 1.0, 0.0), flawed=t(True, False, False))]
+    labels = (t(1.0, 1.0, 0.0, 0.0), t(True, True, True, False))
+    batch = {"reward": np.array([1.0, 0.0]), "traj": np.array([0, 0, 1, 1]), "has_oracle": True}
+    stats = g.update_stats(logs, run, batch, labels)
+    assert stats["pg_loss"] == 2.0 and stats["pg_grad_norm"] == 1.25 and stats["grad_clipped_frac"] == 0.5
+    assert stats["cls_loss"] == pytest.approx(0.7) and stats["cls_labelled_frac"] == 0.75
+    assert stats["cls_acc"] == pytest.approx(1 / 3) and stats["cls_oracle_acc"] == pytest.approx(2 / 3)
+    assert stats["kl"] is None and stats["nonfinite"] is None and stats["opt_steps"] == 2
+    logs[1]["cls_grad_norm"] = t(float("inf"))
+    assert g.update_stats(logs, run, batch, labels)["nonfinite"] == "cls_grad_norm"
+
+
 def test_the_classifier_term_alone_learns_the_oracle_and_pulls_the_twins_apart():
     """With every advantage 0 the policy gradient is off: whatever changes is the classifier's doing.
     A few epochs of the classification term must lift its agreement with the oracle well above the

@@ -511,6 +511,7 @@ class ArmRunState(g.RunState):
 
 class ArmRunLog(g.RunLog):
     row_keys = ROW_KEYS  # the arms' fields too, None where a run has no value
+    resume_with = "python -m studies.arms --resume"
 
 
 def check_label_source(cfg: ArmConfig, env):

@@ -38,20 +38,38 @@ def metrics(run_dir: str) -> list[dict]:
 # With every arm off, the lab is grpo_cls.py
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [dict(), dict(cls_weight=0.5), dict(cls_weight=0.5, cls_labels="advantage", beta=0.05),
-                                dict(env="grid", cls_weight=0.5, sft_steps=0)])
+@pytest.mark.parametrize("kw", [dict(), dict(cls_weight=0.5), dict(cls_weight=0.5, cls_labels="advantage"),
+                                dict(cls_weight=0.5, beta=0.05, num_iterations=2)])
 def test_with_every_arm_off_the_lab_trains_bit_for_bit_as_grpo_cls(tmp_path, kw):
     """The lab repeats grpo_cls.py's update and loop with the arms in them. Off, they must train exactly as
-    the method does: every field grpo_cls.py logs is equal, and the lab logs its own fields besides."""
-    fields = dict(env="text", iters=3, tasks_per_iter=4, num_generations=4, eval_tasks=8, eval_every=2,
-                  sft_steps=20, threads=1, d_model=32, twin_pairs=4, quiet=True, no_plots=True, baseline="none") | kw
+    the method does, over several minibatches an iteration with the classifier's share split among them:
+    every field grpo_cls.py logs is equal, the parameters too, and the lab logs its own fields besides."""
+    fields = dict(env="grid", iters=3, tasks_per_iter=8, num_generations=8, sft_steps=0, minibatch_size=16,
+                  eval_tasks=8, eval_every=2, threads=1, d_model=32, twin_pairs=4, quiet=True, no_plots=True,
+                  baseline="none") | kw
     g.train(g.Config(**fields, out=str(tmp_path / "core")))
     arms.train(arms.ArmConfig(**fields, out=str(tmp_path / "lab")))
     core, lab = metrics(tmp_path / "core"), metrics(tmp_path / "lab")
+    assert all(r["opt_steps"] >= 2 for r in core[1:])  # several minibatches: their order is compared too
     assert [{k: r[k] for k in c} for c, r in zip(core, lab, strict=True)] == core
     assert set(lab[-1]) - set(core[-1]) == set(arms.ROW_KEYS) - set(g.ROW_KEYS)
-    assert torch.equal(g.load_checkpoint(str(tmp_path / "core"))["model"]["policy_head.weight"],
-                       g.load_checkpoint(str(tmp_path / "lab"))["model"]["policy_head.weight"])
+    core_params, lab_params = (g.load_checkpoint(str(tmp_path / d))["model"] for d in ("core", "lab"))
+    assert core_params.keys() == lab_params.keys()
+    assert all(torch.equal(core_params[k], lab_params[k]) for k in core_params)
+
+
+@pytest.mark.parametrize("arm", [dict(), dict(cls_channel="placebo"), dict(cls_design="separate")])
+def test_a_lab_classifier_run_is_set_beside_the_stored_plain_run(tmp_path, arm):
+    """A lab run with a classifier finishes with the summary grpo_cls.py writes, and is set beside a stored
+    plain run that is its config but for the classifier (its channel and design included)."""
+    fields = dict(env="text", iters=2, tasks_per_iter=2, num_generations=2, eval_tasks=4, eval_every=2,
+                  sft_steps=2, threads=1, d_model=32, twin_pairs=0, quiet=True, no_plots=True)
+    arms.train(arms.ArmConfig(**fields, baseline="none", out=str(tmp_path / "plain")))
+    s = arms.train(arms.ArmConfig(**fields, cls_weight=0.5, baseline=str(tmp_path / "plain"),
+                                  out=str(tmp_path / "cls"), **arm))
+    assert s["baseline"] == str(tmp_path / "plain") and s["baseline_flawed_rate"] is not None
+    assert json.load(open(tmp_path / "cls" / "summary.json"))["baseline_success_rate"] is not None
+    assert arms.train(arms.ArmConfig(**fields, cls_weight=0.5, baseline="auto", out=str(tmp_path / "auto"), **arm))
 
 
 def test_the_readmes_lab_flag_table_matches_the_arms_config():
@@ -65,13 +83,14 @@ def test_the_readmes_lab_flag_table_matches_the_arms_config():
             assert row in table, row
 
 
-def test_the_lab_fields_grpo_cls_refuses_are_the_arms_at_their_defaults():
-    """grpo_cls.py refuses a stored run whose lab fields are not off: its list must name each arm's switch
-    at the value ArmConfig gives it by default."""
+def test_the_lab_fields_grpo_cls_refuses_are_every_arm_at_its_default():
+    """grpo_cls.py refuses a stored run with an arm on: its list must name every field the lab adds, at the
+    value ArmConfig gives it, but for the arms' own parameters (which do nothing while their arm is off)."""
+    parameters = {"omega", "gamma", "shaping_lambda"}  # of gigpo (and the step labels), and of shaping
+    lab_only = {f.name for f in dataclasses.fields(arms.ArmConfig)} - {f.name for f in dataclasses.fields(g.Config)}
+    assert set(g.LAB_FIELDS_OFF) == lab_only - parameters
     defaults = arms.ArmConfig(out="unused")
     assert g.LAB_FIELDS_OFF == {k: getattr(defaults, k) for k in g.LAB_FIELDS_OFF}
-    assert set(g.LAB_FIELDS_OFF) <= {f.name for f in dataclasses.fields(arms.ArmConfig)} - {
-        f.name for f in dataclasses.fields(g.Config)}
 
 
 @pytest.mark.parametrize("arm", [["--cls-channel", "placebo"], ["--cls-design", "separate", "--cls-labels", "loop"],
@@ -89,11 +108,14 @@ def test_a_lab_run_resumed_is_the_run_that_never_stopped(tmp_path, arm):
     assert metrics(tmp_path / "split") == rows and any(r["opt_steps"] for r in rows[3:])
 
 
-def test_grpo_cls_refuses_to_resume_a_lab_run_with_an_arm_on(tmp_path, capsys):
+@pytest.mark.parametrize("arm", [["--cls-channel", "placebo"], ["--cls-channel", "policy"], ["--cls-design", "separate"],
+                                 ["--cls-labels", "loop"], ["--cls-labels", "step"], ["--adv", "gigpo"],
+                                 ["--cls-weight", "0", "--shaping", "oracle"]])
+def test_grpo_cls_refuses_to_resume_a_lab_run_with_an_arm_on(tmp_path, capsys, arm):
     out = str(tmp_path / "run")
     arms.main(["--iters", "1", "--tasks-per-iter", "2", "--num-generations", "2", "--eval-tasks", "2",
                "--sft-steps", "1", "--d-model", "16", "--threads", "1", "--twin-pairs", "0", "--quiet", "--no-plots",
-               "--baseline", "none", "--cls-weight", "0.5", "--cls-channel", "placebo", "--out", out])
+               "--baseline", "none", "--cls-weight", "0.5", *arm, "--out", out])
     with pytest.raises(SystemExit) as stop:
         g.main(["--resume", out, "--iters", "1"])
     assert stop.value.code == 2 and "python -m studies.arms --resume" in capsys.readouterr().err

@@ -72,6 +72,21 @@ def test_a_lab_classifier_run_is_set_beside_the_stored_plain_run(tmp_path, arm):
     assert arms.train(arms.ArmConfig(**fields, cls_weight=0.5, baseline="auto", out=str(tmp_path / "auto"), **arm))
 
 
+def test_every_stored_run_config_loads_into_the_lab_config_with_no_field_left_over():
+    """Every config.json under results/ (the stored runs, the reference) is an ArmConfig's fields plus what the
+    run folder records about its machine: no field a run stored is dropped in silence."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fields = {f.name for f in dataclasses.fields(arms.ArmConfig)}
+    machine = {"torch", "numpy", "gymnasium", "device", "threads", "update"}
+    paths = [os.path.join(d, "config.json") for d, _, files in os.walk(os.path.join(root, "results"))
+             if "config.json" in files]
+    assert len(paths) > 100
+    for path in paths:
+        saved = json.load(open(path))
+        assert set(saved) <= fields | machine, (path, set(saved) - fields - machine)
+        assert arms.ArmConfig(**{k: v for k, v in saved.items() if k in fields} | {"out": "unused"})
+
+
 def test_the_readmes_lab_flag_table_matches_the_arms_config():
     """The README's table of the lab's flags has a row for each field the arms add, with its default and help."""
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()

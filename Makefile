@@ -3,14 +3,15 @@
 # `make minigrid-solve`, `make minigrid`, `make reference` and `make figures` make the README's numbers.
 # grpo_cls.py (the method) and envs.py sit at the top; the studies behind the numbers live in studies/
 # and run as modules from here (`python -m studies.coupling --tables`); `make tables` regenerates every
-# table of the findings from the stored runs, `make explain` the walkthrough.
+# table of the findings from the stored runs, `make explain` the walkthrough; `make smoke` runs every target
+# on a short setting (2 iterations, two seeds) into a temporary folder, to show that each one still runs.
 # Each target creates .venv from requirements.txt when needed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid tables explain reference clean
+.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid tables explain reference smoke clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +36,7 @@ figures: run  ## refresh the README's figures from the main run
 		runs/text-cls0.5-seed1/vs_plain.png docs/
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache __pycache__ studies/__pycache__
+	rm -rf $(VENV) runs .pytest_cache __pycache__ studies/__pycache__ worlds/__pycache__
 
 bench: $(STAMP)  ## measure the trainer against this machine's ceilings; writes results/bench.json
 	$(PY) -m studies.bench
@@ -101,3 +102,6 @@ reference: $(STAMP)  ## the stored plain-GRPO run that make run is set beside (r
 	$(PY) grpo_cls.py --cls-weight 0 --baseline none --no-plots --quiet --overwrite --out $(REF)
 	mkdir -p results/reference/text-plain-seed1
 	cp $(REF)/config.json $(REF)/metrics.jsonl $(REF)/summary.json results/reference/text-plain-seed1/
+
+smoke: $(VENV)/.minigrid  ## every make target on a short setting (into a temporary folder; about 20 min on 2 cores)
+	$(PY) -m studies.smoke

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 import grpo_cls as g
-from studies import arms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where grpo_cls.py is
 
@@ -40,9 +39,9 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def setup(cfg: arms.ArmConfig):
+def setup(cfg: g.Config):
     """A cold-started policy and the envs of one iteration, as train() would have them."""
-    device, tok, policy, gen, rng = arms.build(cfg)
+    device, tok, policy, gen, rng = g.build(cfg)
     envs_ = g.make_envs(cfg, cfg.tasks_per_iter * cfg.num_generations)
     g.cold_start(policy, cfg, envs_, tok, rng, gen, device)
     return device, tok, policy, gen, rng, envs_
@@ -130,13 +129,19 @@ def processed_samples(row: dict, steps: int, epochs: int = 1) -> int:
     return row["update_samples"] + labelled * epochs
 
 
+def update(run, batch, A) -> dict:
+    """What train() does in its update phase: the labels, grpo_cls.grpo_update and its statistics."""
+    labels = g.classifier_labels(run.cfg, batch, A) if run.cfg.cls_weight > 0 else None
+    return g.update_stats(g.grpo_update(run, batch, A, labels), run, batch, labels)
+
+
 def measure_update(cfg, device, policy, gen, batch) -> dict:
     K, G = cfg.tasks_per_iter, cfg.num_generations
     R = torch.as_tensor(batch["reward"], dtype=torch.float32, device=device).view(K, G)
-    A = arms.step_advantages(cfg, batch, g.group_advantages(R, cfg.scale_rewards).view(-1), device)  # (S,)
+    A = g.group_advantages(R, cfg.scale_rewards).view(-1)[torch.as_tensor(batch["traj"], device=device)]  # (S,)
     opt = torch.optim.Adam(policy.parameters(), lr=1e-9)  # a tiny lr: the policy stays as it is
-    stats = []
-    t = timed(lambda: stats.append(arms.grpo_update(policy, None, opt, cfg, batch, A, None, gen, device)))
+    run, stats = g.RunState(cfg, policy, opt, None, gen, None, torch.Generator(device=device).manual_seed(1)), []
+    t = timed(lambda: stats.append(update(run, batch, A)))
     useful = processed_samples(stats[-1], len(batch["action"]), cfg.num_iterations)
     real = useful / t
     bare = bare_update_samples_per_s(policy, batch, cfg, device)
@@ -160,19 +165,19 @@ def measure_naive(cfg, device, tok, policy, gen, envs_, steps: int = 300) -> flo
     return n / (time.perf_counter() - t0)
 
 
-def measure_scaling(base: arms.ArmConfig, sizes=(4, 16, 64)) -> list[dict]:
+def measure_scaling(base: g.Config, sizes=(4, 16, 64)) -> list[dict]:
     rows = []
     for K in sizes:
-        cfg = arms.ArmConfig(**{**base.__dict__, "tasks_per_iter": K})
+        cfg = g.Config(**{**base.__dict__, "tasks_per_iter": K})
         device, tok, policy, gen, rng, envs_ = setup(cfg)
         opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+        run = g.RunState(cfg, policy, opt, None, gen, rng, torch.Generator(device=device).manual_seed(1))
 
         def iteration():
             tasks, seeds = iteration_inputs(cfg, rng, len(envs_))
             b = g.rollout(policy, envs_, tok, tasks, seeds, gen, device)
             R = torch.as_tensor(b["reward"], dtype=torch.float32).view(K, cfg.num_generations)
-            A = arms.step_advantages(cfg, b, g.group_advantages(R).view(-1), device)
-            arms.grpo_update(policy, None, opt, cfg, b, A, None, gen, device)
+            update(run, b, g.group_advantages(R).view(-1)[torch.as_tensor(b["traj"], device=device)])
         rows.append({"trajectories": K * cfg.num_generations, "s_per_iter": timed(iteration)})
     return rows
 
@@ -219,7 +224,7 @@ def torch_baseline_rss_mib() -> float:
     return peak_mib(r.stderr)
 
 
-def print_table(r: dict):
+def print_table(r: dict, mem: tuple = (5, 50)):
     rows = [
         ("rollout efficiency", f"{r['rollout_efficiency']:.2f}", ">= 0.9",
          f"{r['rollout_steps_per_s']:.0f} steps/s vs ceiling {r['rollout_ceiling']:.0f} "
@@ -234,7 +239,7 @@ def print_table(r: dict):
         ("batched vs naive", f"{r['batched_speedup']:.1f}x", ">= 10x", f"naive {r['naive_steps_per_s']:.0f} steps/s"),
         ("scaling (s/iter)", " / ".join(f"{s['s_per_iter']:.2f}" for s in r["scaling"]), "<= linear",
          "at " + " / ".join(str(s["trajectories"]) for s in r["scaling"]) + " trajectories per iteration"),
-        ("memory growth 5 -> 50 it", f"{r['mem_growth']:+.1%}", "< 10%",
+        (f"memory growth {mem[0]} -> {mem[1]} it", f"{r['mem_growth']:+.1%}", "< 10%",
          f"{r['rss_5_iters_mib']:.0f} -> {r['rss_50_iters_mib']:.0f} MiB above import torch "
          f"({r['rss_torch_import_mib']:.0f} MiB)"),
         ("default run", f"{r['default_run_s']:.1f} s", "< 60 s", f"final in-domain success {r['default_success_rate']:.2f}"),
@@ -251,12 +256,15 @@ def print_table(r: dict):
 
 def main():
     p = argparse.ArgumentParser(prog="python -m studies.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=arms.ArmConfig.threads, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=g.Config.threads, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default="results/bench.json")
+    p.add_argument("--iters", type=int, help="short (make smoke): the default run's and the memory run's "
+                   "iterations, memory measured from iteration 1 (default: the default run's; 5 -> 50)")
     args = p.parse_args()
+    mem = (5, 50) if args.iters is None else (1, args.iters)  # memory growth from and to these iterations
     tmp = tempfile.mkdtemp(prefix="grpo_cls_bench_")
-    base = arms.ArmConfig(cls_weight=0.5, threads=args.threads, device=args.device, out=tmp, quiet=True)
+    base = g.Config(cls_weight=0.5, threads=args.threads, device=args.device, out=tmp, quiet=True)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"torch {torch.__version__}, {args.device}, {args.threads} threads",
               "config": "grpo_cls.py defaults with --cls-weight 0.5"}
@@ -276,6 +284,7 @@ def main():
 
     print("4/6 the default run (make run) ...", flush=True)
     run_args = ["--cls-weight", "0.5", "--threads", str(args.threads), "--device", args.device]
+    run_args += [] if args.iters is None else ["--iters", str(args.iters)]  # the memory run's --iters comes later
     seconds, summary, metrics, peak_default = run_subprocess(run_args, os.path.join(tmp, "default"))
     it_rows = [m for m in metrics if m["iter"] > 0]
     phases = {k: sum(m[f"time_{k}_s"] or 0 for m in it_rows) for k in ("rollout", "update", "eval", "diag")}
@@ -301,17 +310,17 @@ def main():
                "end_to_end_before_after": [before_s / train_s, after_s / train_s],
                "R_forward_before_after": [report["R_forward"], after["R_forward"]]}
 
-    print("5/6 memory after 5 and 50 iterations ...", flush=True)
-    _, _, metrics50, _ = run_subprocess(run_args + ["--iters", "50"], os.path.join(tmp, "it50"))
+    print(f"5/6 memory after {mem[0]} and {mem[1]} iterations ...", flush=True)
+    _, _, metrics50, _ = run_subprocess(run_args + ["--iters", str(mem[1])], os.path.join(tmp, "it50"))
     peak = {m["iter"]: m["peak_rss_mib"] for m in metrics50}  # the process's high-water mark at each iteration
     torch_rss = torch_baseline_rss_mib()
-    report |= {"rss_torch_import_mib": torch_rss, "rss_5_iters_mib": peak[5] - torch_rss,
-               "rss_50_iters_mib": peak[50] - torch_rss, "mem_growth": (peak[50] - peak[5]) / (peak[5] - torch_rss)}
+    report |= {"rss_torch_import_mib": torch_rss, "rss_5_iters_mib": peak[mem[0]] - torch_rss, "rss_50_iters_mib":
+               peak[mem[1]] - torch_rss, "mem_growth": (peak[mem[1]] - peak[mem[0]]) / (peak[mem[0]] - torch_rss)}
 
     print("6/6 threads: rollout and update rates at 1 and 2 threads ...", flush=True)
     report["threads"] = {}
     for n in (1, 2):
-        cfg = arms.ArmConfig(**{**base.__dict__, "threads": n})
+        cfg = g.Config(**{**base.__dict__, "threads": n})
         device, tok, policy, gen, rng, envs_ = setup(cfg)
         r = measure_rollout(cfg, device, tok, policy, gen, rng, envs_)
         u = measure_update(cfg, device, policy, gen, r.pop("batch"))
@@ -320,7 +329,7 @@ def main():
 
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2, default=float)
-    print_table(report)
+    print_table(report, mem)
     print(f"wrote {args.out}")
 
 

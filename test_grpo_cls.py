@@ -21,6 +21,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 import grpo_cls as g
+from worlds import minigrid as minigrid_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV_IDS = ["grpo_cls/LavaGrid-v0", "grpo_cls/Kitchen-v0"]
@@ -1046,9 +1047,10 @@ def module_level_forward_references(path: str) -> list[tuple[str, str]]:
 
 
 def test_the_code_reads_top_to_bottom_no_name_is_used_above_its_definition(tmp_path):
-    """A student reads grpo_cls.py, envs.py and every study from the top and never needs a name defined
+    """A student reads grpo_cls.py, envs.py, every adapter and every study from the top and never needs a name defined
     further down (the test files, which are specifications, aside)."""
-    code = ["grpo_cls.py", "envs.py"] + sorted(f"studies/{f}" for f in os.listdir(os.path.join(HERE, "studies"))
+    code = ["grpo_cls.py", "envs.py"] + sorted(f"{d}/{f}" for d in ("studies", "worlds")
+                                               for f in os.listdir(os.path.join(HERE, d))
                                                if f.endswith(".py") and not f.startswith("test_"))
     assert {f: module_level_forward_references(os.path.join(HERE, f)) for f in code} == {f: [] for f in code}
     later = tmp_path / "later.py"  # the check itself bites: a use above the definition is found
@@ -1059,7 +1061,8 @@ def test_the_code_reads_top_to_bottom_no_name_is_used_above_its_definition(tmp_p
 
 def test_no_function_in_any_file_is_longer_than_80_lines():
     files = sorted(f for f in os.listdir(HERE) if f.endswith(".py"))
-    files += sorted(f"studies/{f}" for f in os.listdir(os.path.join(HERE, "studies")) if f.endswith(".py"))
+    files += sorted(f"{d}/{f}" for d in ("studies", "worlds") for f in os.listdir(os.path.join(HERE, d))
+                    if f.endswith(".py"))
     long = [(f, node.name, node.end_lineno - node.lineno + 1) for f in files
             for node in ast.walk(ast.parse(open(os.path.join(HERE, f)).read()))
             if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80]
@@ -1075,7 +1078,7 @@ ROOMS = [f"grpo_cls/{name}" for name in envs.MINIGRID_ROOMS]  # Empty-5x5, LavaG
 
 def noisy_action(env, rng, noise: float) -> int:
     """The scripted agent: a random action with chance `noise`, else the oracle's optimal one."""
-    return int(rng.integers(envs.N_ACTIONS)) if rng.random() < noise else env.unwrapped.optimal_action()
+    return int(rng.integers(minigrid_world.N_ACTIONS)) if rng.random() < noise else env.unwrapped.optimal_action()
 
 
 def minigrid_key(room) -> tuple:
@@ -1096,7 +1099,7 @@ def brute_force_plan_length(room, limit: int) -> int | None:
         for r in level:
             if r.grid.get(*r.agent_pos) is not None and r.grid.get(*r.agent_pos).type == "lava":
                 continue  # the episode ended
-            for a in range(envs.N_ACTIONS):
+            for a in range(minigrid_world.N_ACTIONS):
                 c = copy.deepcopy(r)
                 c.step_count = 0  # the step budget is not part of the search
                 c.step(a)
@@ -1115,9 +1118,9 @@ def brute_force_plan_length(room, limit: int) -> int | None:
 def test_action_and_heading_constants_are_minigrids():
     from minigrid.core.actions import Actions
     from minigrid.core.constants import DIR_TO_VEC
-    assert [a.value for a in Actions] == [envs.LEFT, envs.RIGHT, envs.FORWARD, envs.PICKUP, envs.DROP,
-                                          envs.TOGGLE, envs.DONE]
-    assert [tuple(int(v) for v in d) for d in DIR_TO_VEC] == list(envs.HEADINGS)
+    assert [a.value for a in Actions] == [minigrid_world.LEFT, minigrid_world.RIGHT, minigrid_world.FORWARD, minigrid_world.PICKUP, minigrid_world.DROP,
+                                          minigrid_world.TOGGLE, minigrid_world.DONE]
+    assert [tuple(int(v) for v in d) for d in DIR_TO_VEC] == list(minigrid_world.HEADINGS)
 
 
 @needs_minigrid
@@ -1131,17 +1134,17 @@ def test_room_step_predicts_minigrids_step_on_noisy_walks(env_id):
         room.reset(seed=episode)
         rng, done = np.random.default_rng(episode), False
         while not done:
-            fixed, before = envs.read_room(room)
-            a = int(rng.integers(envs.N_ACTIONS))
-            predicted = envs.room_step(dict(fixed), before, a)
+            fixed, before = minigrid_world.read_room(room)
+            a = int(rng.integers(minigrid_world.N_ACTIONS))
+            predicted = minigrid_world.room_step(dict(fixed), before, a)
             _, _, term, trunc, _ = room.step(a)
-            assert envs.read_room(room)[1] == predicted, f"seed {episode}: action {a} from {before}"
+            assert minigrid_world.read_room(room)[1] == predicted, f"seed {episode}: action {a} from {before}"
             effects.add((a, predicted != before))
             done = term or trunc
     changes = {a for a, changed in effects if changed}
-    assert {envs.LEFT, envs.RIGHT, envs.FORWARD} <= changes and {envs.FORWARD, envs.DONE} <= {a for a, c in effects if not c}
+    assert {minigrid_world.LEFT, minigrid_world.RIGHT, minigrid_world.FORWARD} <= changes and {minigrid_world.FORWARD, minigrid_world.DONE} <= {a for a, c in effects if not c}
     if "DoorKey" in env_id:
-        assert {envs.PICKUP, envs.DROP, envs.TOGGLE} <= changes
+        assert {minigrid_world.PICKUP, minigrid_world.DROP, minigrid_world.TOGGLE} <= changes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1188,7 +1191,7 @@ def test_flawed_iff_the_shortest_plan_after_the_action_is_not_one_shorter(env_id
     while not done:
         to_go = base.steps_to_go()
         if to_go <= max_to_go:
-            for b in range(envs.N_ACTIONS):
+            for b in range(minigrid_world.N_ACTIONS):
                 room = copy.deepcopy(base.room)
                 room.step(b)
                 one_shorter = brute_force_plan_length(room, limit=to_go - 1) == to_go - 1
@@ -1199,7 +1202,7 @@ def test_flawed_iff_the_shortest_plan_after_the_action_is_not_one_shorter(env_id
         _, _, term, trunc, info = env.step(a)
         assert info["flawed"] == flawed
         done = term or trunc
-    assert checked >= 3 * envs.N_ACTIONS
+    assert checked >= 3 * minigrid_world.N_ACTIONS
 
 
 @needs_minigrid
@@ -1235,9 +1238,9 @@ def test_the_vocabulary_is_declared_from_minigrids_constants():
     """Every (object, colour, state) MiniGrid can encode has its word before any episode is played."""
     from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX, STATE_TO_IDX
     vocab = set(gym.make(ROOMS[2]).unwrapped.vocab)
-    assert {envs.cell_word(o, c, s) for o in OBJECT_TO_IDX for c in COLOR_TO_IDX for s in STATE_TO_IDX} <= vocab
+    assert {minigrid_world.cell_word(o, c, s) for o in OBJECT_TO_IDX for c in COLOR_TO_IDX for s in STATE_TO_IDX} <= vocab
     assert {"unseen", "empty", "grey-wall", "yellow-key", "yellow-door-locked", "green-goal", "red-lava"} <= vocab
-    assert set(envs.HEADING_NAMES) <= vocab
+    assert set(minigrid_world.HEADING_NAMES) <= vocab
 
 
 @needs_minigrid
@@ -1253,7 +1256,7 @@ def test_observations_round_trip_through_the_tokenizer(env_id):
             rng, done = np.random.default_rng(task), False
             while not done:
                 words = obs.split()
-                assert words[49] in envs.HEADING_NAMES and " ".join(words[50:]) == env.unwrapped.missions()[0]
+                assert words[49] in minigrid_world.HEADING_NAMES and " ".join(words[50:]) == env.unwrapped.missions()[0]
                 ids = tok.encode(obs)
                 assert [tok.words[i] for i in ids[1: 1 + len(words)]] == words and not ids[1 + len(words):].any()
                 obs, _, term, trunc, _ = env.step(noisy_action(env, rng, noise=0.5))
@@ -1292,7 +1295,7 @@ def test_twin_pairs_are_a_few_words_apart_and_flip_the_oracle(env_id):
         env.reset(options={"task": p["task_flawed"]})
         assert env.is_flawed(p["state_flawed"], p["action"]), p["note"]
         assert (env.flawed_actions(p["state_flawed"]) == p["flawed_at_twin"]).all()
-        into = envs.room_step(env.fixed, p["state_flawed"], p["action"]).pos
+        into = minigrid_world.room_step(env.fixed, p["state_flawed"], p["action"]).pos
         assert env.fixed.get(into) != "lava", p["note"]
 
 
@@ -1312,11 +1315,14 @@ def test_pair_diagnostics_reads_the_twin_pairs():
 # MiniGrid is optional
 # ---------------------------------------------------------------------------------------------
 
-def test_envs_py_imports_minigrid_only_inside_functions():
-    tree = ast.parse(pathlib.Path(envs.__file__).read_text())
+@pytest.mark.parametrize("module", [envs, minigrid_world])
+def test_envs_and_the_adapter_import_minigrid_only_inside_functions(module):
+    """envs.py registers the rooms by a string entry point and never imports the adapter; the adapter imports
+    MiniGrid only when a room is made."""
+    tree = ast.parse(pathlib.Path(module.__file__).read_text())
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     names = [a.name for n in top for a in n.names] + [n.module for n in top if isinstance(n, ast.ImportFrom)]
-    assert not [n for n in names if n and n.startswith("minigrid")]
+    assert not [n for n in names if n and (n.startswith("minigrid") or n.startswith("worlds"))]
 
 
 def test_without_minigrid_envs_imports_and_a_minigrid_room_says_pip_install_minigrid():
@@ -1351,6 +1357,6 @@ def test_any_other_minigrid_env_is_made_in_words_with_an_oracle_and_no_held_out_
     assert cfg.env == "grpo_cls/MiniGrid-Empty-8x8-v0"
     env = g.make_envs(cfg, 1)[0]
     _, info = env.reset(seed=0, options={"task": 3})
-    assert isinstance(env.unwrapped, envs.OracleMiniGrid) and "flawed" in env.step(env.unwrapped.optimal_action())[4]
+    assert isinstance(env.unwrapped, minigrid_world.OracleMiniGrid) and "flawed" in env.step(env.unwrapped.optimal_action())[4]
     assert g.make_envs(cfg, 1, split="heldout") == []
     assert len(g.make_envs(tiny(out="unused", env="MiniGrid-LavaGapS5-v0"), 1, split="heldout")) == 1

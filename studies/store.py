@@ -25,7 +25,7 @@ TASKS = {  # name -> the Config fields of the task
     "text": {"env": "text"},
     "grid": {"env": "grid"},
     "text-nomask": {"env": "text", "action_mask": "none"},  # Kitchen as an LLM agent plays it: all 33 commands
-    "empty": {"env": "MiniGrid-Empty-5x5-v0"},  # the MiniGrid rooms (envs.OracleMiniGrid; pip install minigrid)
+    "empty": {"env": "MiniGrid-Empty-5x5-v0"},  # the MiniGrid rooms (worlds.minigrid.OracleMiniGrid; pip install minigrid)
     "lavagap": {"env": "MiniGrid-LavaGapS5-v0"},
     "doorkey": {"env": "MiniGrid-DoorKey-5x5-v0"},
 }

@@ -327,6 +327,7 @@ def main():
         report["threads"][n] = {"rollout_steps_per_s": r["rollout_steps_per_s"],
                                 "update_samples_per_s": u["update_samples_per_s"]}
 
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2, default=float)
     print_table(report, mem)

@@ -38,8 +38,8 @@ def metrics(run_dir: str) -> list[dict]:
 # With every arm off, the lab is grpo_cls.py
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [dict(), dict(cls_weight=0.5), dict(cls_weight=0.5, cls_labels="advantage"),
-                                dict(cls_weight=0.5, beta=0.05, num_iterations=2)])
+@pytest.mark.parametrize("kw", [dict(), dict(cls_weight=0.5),
+                                dict(cls_weight=0.5, cls_labels="advantage", beta=0.05, num_iterations=2)])
 def test_with_every_arm_off_the_lab_trains_bit_for_bit_as_grpo_cls(tmp_path, kw):
     """The lab repeats grpo_cls.py's update and loop with the arms in them. Off, they must train exactly as
     the method does, over several minibatches an iteration with the classifier's share split among them:

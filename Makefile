@@ -1,6 +1,7 @@
 # The two commands are `make run` and `make test`; `make bench`, `make claims`, `make optimizer`,
 # `make compare`, the `make matrix*` targets, `make coupling`, `make channels`, `make repaired`,
-# `make minigrid-solve`, `make minigrid`, `make reference` and `make figures` make the README's numbers.
+# `make minigrid-solve`, `make minigrid`, `make headstart`, `make reference` and `make figures` make the
+# README's numbers.
 # grpo_cls.py (the method) and envs.py sit at the top; the studies behind the numbers live in studies/
 # and run as modules from here (`python -m studies.coupling --tables`); `make tables` regenerates every
 # table of the findings from the stored runs, `make explain` the walkthrough; `make smoke` runs every target
@@ -11,7 +12,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid tables explain reference smoke clean
+.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -90,12 +91,16 @@ minigrid-solve: $(VENV)/.minigrid  ## does GRPO train the MiniGrid rooms? seed 1
 minigrid: $(VENV)/.minigrid  ## the MiniGrid replication of the dose-response (results/PROTOCOL.md): 40 runs
 	$(PY) -m studies.replicate
 
+headstart: $(STAMP)  ## post hoc, from the stored runs (no training): the head start, the manipulation check, power (results/headstart.md)
+	$(PY) -m studies.headstart
+
 tables: $(VENV)/.minigrid  ## every table and figure of the findings, from the stored runs in results/runs/ (no training)
 	$(PY) -m studies.coupling --tables
 	$(PY) -m studies.channels --tables
 	$(PY) -m studies.repaired --tables
 	$(PY) -m studies.replicate --solve --tables
 	$(PY) -m studies.replicate --tables
+	$(PY) -m studies.headstart
 
 REF := runs/reference-text-plain-seed1
 reference: $(STAMP)  ## the stored plain-GRPO run that make run is set beside (results/reference, vs_plain.png)

@@ -7,7 +7,8 @@ json) into one temporary folder. results/, docs/ and runs/ are never written: th
 A target's rows run in order and the targets run in the table's order, so a later target uses what an
 earlier one made there, as make would: figures copies the short run's figures, run is set beside the
 short reference, recheck and matrix-cure use the short matrix's runs, channels and repaired reuse the
-short coupling matrix's stored runs. make tables reads the stored runs in results/runs/ (no training).
+short coupling matrix's stored runs. make headstart and make tables read the stored runs in results/runs/ (no
+training).
 Prints each target's time and PASS or FAIL (with the end of its log); exits 1 if any failed.
 """
 
@@ -79,11 +80,13 @@ def rows(tmp: str) -> list[tuple[str, list[str]]]:
         ("repaired", study("repaired", *pairs, "--endpoint-from", "1")),
         ("minigrid-solve", study("replicate", "--solve", *rooms)),
         ("minigrid", study("replicate", *rooms, "--seeds", "8301-8302")),
+        ("headstart", study("headstart", "--out", R)),
         ("tables", study("coupling", *tables)),
         ("tables", study("channels", *tables)),
         ("tables", study("repaired", *tables)),
         ("tables", study("replicate", "--solve", *tables)),
         ("tables", study("replicate", *tables)),
+        ("tables", study("headstart", "--out", T)),
     ]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from studies import headstart as hs
 from studies import twins
-from studies.stats import sign_flip_p
+from studies.stats import partial_spearman, sign_flip_p
 from studies.store import STORE, load_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: results/
@@ -36,7 +36,7 @@ def constructed_run(l0: np.ndarray, overlap: np.ndarray, C1: np.ndarray, control
 
 
 def constructed_seed(seed: int, dose: float) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """A seed of a world where the overlap goes with the head start (as the softmax's (e_a - pi) makes it) and
+    """A seed of a world where the overlap goes with the head start (as in the stored runs) and
     C1 = 1.2 l0 - 0.5 + dose (overlap - its median) + noise. The control's own starting probability varies by
     two orders of magnitude, so log pi_0(a) alone is a poor stand-in for l0. Returns (rows, l0, C1)."""
     rng = np.random.default_rng(seed)
@@ -68,7 +68,7 @@ def test_the_stored_runs_regenerate_the_committed_headstart_report_exactly(tmp_p
                          capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "headstart.md").read_text() == open(os.path.join(ROOT, "results", "headstart.md")).read()
-    assert "| **no** |" not in (tmp_path / "headstart.md").read_text()  # every number of the first re-analysis reproduced
+    assert "| **no** |" not in (tmp_path / "headstart.md").read_text()  # every quoted number reproduced
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +108,8 @@ def test_a_dose_response_beyond_the_head_start_survives_it():
     assert np.mean(st["rho_given_l0"]) > 0.2 and sign_flip_p(st["rho_given_l0"]) == 2 ** -7
     assert np.mean(st["overlap_slope"]) == pytest.approx(1.0, abs=0.2) and min(st["overlap_slope"]) > 0
     assert np.mean(st["tercile"]) > np.mean(none["tercile"]) + 0.2
+    for w in (st, none):  # C1 = 1.2 l0 - 0.5 + dose (overlap - its median): -0.5 at l0 = 0, the median overlap
+        assert np.mean(w["C1_at_l0_zero"]) == pytest.approx(-0.5, abs=0.1)
 
 
 def test_the_manipulation_check_is_the_arm_minus_plain_at_the_end_on_the_same_pairs():
@@ -123,6 +125,10 @@ def test_the_manipulation_check_is_the_arm_minus_plain_at_the_end_on_the_same_pa
     assert got["embed_end"] == pytest.approx(0.2 - 0.5) and got["grad_end"] == pytest.approx(0.0)
     assert got["d"] == pytest.approx(-0.3 * np.mean(overlap > 0.5))
     assert got["d_constructed"] == pytest.approx(-0.3 * np.mean((overlap > 0.5)[~visited]))
+    assert got["d_visited"] == pytest.approx(-0.3 * np.mean((overlap > 0.5)[visited]))
+    d = m["gain"] - plain["gain"]
+    assert got["rho_d_given_l0"] == pytest.approx(partial_spearman(overlap, d, l0))  # l0 held, not log pi_0
+    assert got["rho_d_given_l0"] != pytest.approx(partial_spearman(overlap, d, plain["pi0"]))
     assert got["rho_d"] < -0.5  # the arm lowers the gain where the overlap is high
     assert got["endpoint"] == pytest.approx(-0.1) and got["ood_success"] == pytest.approx(0.1)
 

@@ -224,8 +224,7 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------
 # Model: a small pre-LN transformer; the policy logit and the classifier read one pair embedding
 # Letters: B = samples, L = tokens per observation, n_act = actions, d = width, k = words per action.
-# (A is the advantage, everywhere in this file.)
-# An observation arrives as (L,) token ids, <s> first (Tokenizer, above).
+# (A is the advantage, everywhere in this file.) An observation arrives as (L,) token ids, <s> first.
 # ---------------------------------------------------------------------------------------------
 
 class Block(nn.Module):
@@ -334,8 +333,8 @@ def classification_loss(cls_logit, y, labelled):
 # ---------------------------------------------------------------------------------------------
 
 def classifier_labels(cfg: Config, batch, A) -> tuple:
-    """(y, labelled), both (S,), y = 1 calling a step's action bad. 'oracle': the env's flawed flag on every
-    step. 'advantage': the step's advantage A (S,) below 0 is bad, above 0 good, exactly 0 unlabelled."""
+    """(y, labelled) (S,), y = 1 calling a step's action bad: the env's flawed flag ('oracle'), or A < 0 bad,
+    A > 0 good, A = 0 unlabelled ('advantage')."""
     if cfg.cls_labels == "oracle":
         flawed = torch.as_tensor(batch["flawed"], device=A.device)
         return flawed.float(), torch.ones_like(flawed, dtype=torch.bool)

@@ -43,6 +43,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -63,11 +64,6 @@ ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0",  #
 CLS_LABELS = ("oracle", "advantage")  # studies/arms.py adds the label sources built from the agent's view
 SCALE_REWARDS = ("group", "batch", "none")
 ACTION_MASKS = ("env", "none")
-
-
-def short_name(env_id: str) -> str:
-    """'text' or 'grid' for our envs, the id with '/' made '_' for any other: run and reference folders."""
-    return {v: k for k, v in ENV_ALIASES.items()}.get(env_id, env_id.replace("/", "_"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +116,8 @@ class Config:
     no_plots: bool = arg(False, "skip the PNGs at the end of the run")
     baseline: str = arg("auto", "a stored plain-GRPO run folder to set beside this run; auto: "
                         "results/reference/<env>-plain-seed<seed> where it fits; none: off")
+    vs_plain: bool = arg(False, "first train plain GRPO (cls_weight 0) from the same cold start into <out>/plain, "
+                         "then this run, and set the two side by side (make run)")
 
     def __post_init__(self):
         """Resolve the env alias and the run folder, and refuse bad values with a one-line ValueError
@@ -606,6 +604,12 @@ def cold_start(policy, cfg: Config, envs_, tok, rng, gen, device):
 
 # -- errors, and what a row of metrics.jsonl holds --------------------------------------------------
 
+def short_name(env_id: str) -> str:
+    """'text' or 'grid' for our envs, the id with '/' made '_' for any other: run and reference folders."""
+    return {v: k for k, v in ENV_ALIASES.items()}.get(env_id, env_id.replace("/", "_"))
+
+
+
 class TrainingError(Exception):
     """A run cannot go on; main() prints the message as one line and exits 2."""
 
@@ -614,7 +618,7 @@ class Interrupted(Exception):
     """Ctrl-C: the run saved a checkpoint and stops; main() exits 130."""
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "coupling.png",
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "cold_start.pt", "curves.png", "coupling.png",
              "probe_heatmap.png", "vs_plain.png")
 ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "success_rate",
             "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
@@ -872,7 +876,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # is. A stored run with another value there was trained by the lab: --resume and --baseline refuse it.
 LAB_FIELDS_OFF = {"adv": "grpo", "cls_design": "shared", "cls_channel": "head", "shaping": "none"}
 UPDATE_VERSION = 2  # config.json's "update": 2 clips each stream on its own; a run without it had one clip
-NOT_COMPARED = ("cls_weight", "cls_labels", "out", "overwrite", "resume", "quiet", "no_plots", "baseline",
+NOT_COMPARED = ("cls_weight", "cls_labels", "out", "overwrite", "resume", "quiet", "no_plots", "baseline", "vs_plain",
                 "device", "threads", "twin_pairs",  # where a baseline may differ; and what a plain run does not read
                 "cls_design", "cls_channel")  # of a lab run's classifier
 
@@ -915,6 +919,17 @@ def load_baseline(cfg: Config, metrics: list[dict]) -> tuple[str, list[dict]] | 
     return None
 
 
+LATE_ITERS = 10  # the paired endpoint (results/PROTOCOL.md): the training batches' flawed rate, last 10 iterations
+
+
+def late_flawed_rate(rows: list[dict], last_iter: int) -> float | None:
+    """The mean training-batch flawed rate over iterations last_iter - 9 .. last_iter (fewer in a shorter run):
+    some 10,000 steps, where one evaluation reads about 1,000."""
+    rates = [r["train_flawed_rate"] for r in rows if last_iter - LATE_ITERS < r["iter"] <= last_iter
+             and r["iter"] > 0 and r.get("train_flawed_rate") is not None]
+    return float(np.mean(rates)) if rates else None
+
+
 def summarize(metrics: list[dict], cfg: Config, write: bool = True, baseline=None) -> dict:
     last_eval = next((m for m in reversed(metrics) if m.get("eval_return") is not None), {})
     keys = ("success_rate", "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
@@ -924,11 +939,12 @@ def summarize(metrics: list[dict], cfg: Config, write: bool = True, baseline=Non
                                                       "eval_return")}
     summary |= {"iters": last.get("iter", 0), "env_steps": last.get("env_steps", 0),
                 "wall_s": last.get("wall_s", 0)}
-    summary |= {k: last_eval.get(k) for k in keys}
-    if baseline is not None:  # the same keys, from the stored plain-GRPO run at the same iteration
+    summary |= {k: last_eval.get(k) for k in keys} | {"late_train_flawed_rate": late_flawed_rate(metrics, summary["iters"])}
+    if baseline is not None:  # the same keys, from the plain-GRPO run at the same iteration
         path, rows = baseline
         same_it = next((r for r in rows if r["iter"] == last_eval.get("iter")), {})
         summary |= {"baseline": path} | {f"baseline_{k}": same_it.get(k) for k in keys}
+        summary["baseline_late_train_flawed_rate"] = late_flawed_rate(rows, summary["iters"])
     if write:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -1008,9 +1024,10 @@ def save_checkpoint(run: RunState):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(run_dir: str) -> dict:
-    """The checkpoint of a run folder, loaded without unpickling arbitrary objects."""
-    path = os.path.join(run_dir, "checkpoint.pt")
+def load_checkpoint(run_dir: str, name: str = "checkpoint.pt") -> dict:
+    """The checkpoint of a run folder (or its cold start, name="cold_start.pt"), loaded without unpickling
+    arbitrary objects."""
+    path = os.path.join(run_dir, name)
     if not os.path.isfile(path):
         raise TrainingError(f"no checkpoint at {path}; --resume takes a run folder written by grpo_cls.py")
     try:
@@ -1020,6 +1037,16 @@ def load_checkpoint(run_dir: str) -> dict:
         raise TrainingError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "
                             f"start a new run with --overwrite")
     return ckpt
+
+
+def fit_cold_start(init: dict, cfg: Config, policy: nn.Module) -> dict:
+    """An iteration-0 checkpoint fitted to another run of the same seed (--vs-plain's classifier run, a lab
+    arm): its config, a fresh optimizer (none has stepped yet), and the parameters the cold start never
+    touches (the classifier's) at their initial values in `policy`, freshly built for cfg."""
+    model = policy.state_dict() | init["model"]
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    ref = model if cfg.beta > 0 else None  # at iteration 0 the policy is the cold start, pi_ref
+    return init | {"model": model, "optimizer": opt.state_dict(), "ref": ref, "config": dataclasses.asdict(cfg)}
 
 
 def restore(ckpt: dict, run: RunState) -> list[dict]:
@@ -1052,12 +1079,12 @@ def restore(ckpt: dict, run: RunState) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 def plot_vs_plain(metrics: list[dict], plain: list[dict], out: str, plt):
-    """vs_plain.png: this run's flawed-action rate and pi(flawed | flawed twin) beside the stored
-    plain-GRPO run's, both from the same cold start."""
+    """vs_plain.png: this run's flawed-action rate and pi(flawed | flawed twin) beside the plain-GRPO
+    run's (trained by --vs-plain, or stored), both from the same cold start."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key, name in zip(axes, ("train_flawed_rate", "probe_flawed_prob"),
                              ("training flawed-action rate", "pi(flawed action | flawed twin)")):
-        for rows, label, style in ((plain, "plain GRPO (stored run)", "--"), (metrics, "this run", "-")):
+        for rows, label, style in ((plain, "plain GRPO", "--"), (metrics, "GRPO + classifier", "-")):
             pts = [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
             ax.plot(*zip(*pts), style, label=label)
         ax.set_title(name, fontsize=10)
@@ -1126,6 +1153,18 @@ def plot_run(metrics: list[dict], out: str, baseline=None):
         plot_vs_plain(metrics, baseline[1], out, plt)
 
 
+def keep_cold_start(out: str):
+    """cold_start.pt: the iteration-0 checkpoint, kept (as a hard link where the filesystem has them) after
+    checkpoint.pt moves on."""
+    path = os.path.join(out, "cold_start.pt")
+    if os.path.exists(path):
+        os.remove(path)
+    try:
+        os.link(os.path.join(out, "checkpoint.pt"), path)
+    except OSError:
+        shutil.copyfile(os.path.join(out, "checkpoint.pt"), path)
+
+
 class RunLog:
     """The run folder's metrics.jsonl, config.json and checkpoint, the progress bar and the phase clocks.
     A context manager: the files and the bar are closed however the run ends."""
@@ -1167,12 +1206,15 @@ class RunLog:
             self.append({"iter": 0, "env_steps": 0} | {k: None for k in self.row_keys} | first_row())
         if not run.metrics or not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
             self.checkpoint()  # iteration 0, or a start from another folder's checkpoint (studies/store.py)
+            if checkpoint is None:  # a fresh start keeps its cold start, for a paired run to start from
+                keep_cold_start(cfg.out)
         self.saved = run.metrics[-1]["iter"]
 
     def iterations(self, stop):
         """The iterations still to run, with a progress bar; stops early when Ctrl-C asked to."""
         start = self.run.metrics[-1]["iter"] + 1
-        self.bar = tqdm(total=self.cfg.iters, initial=start - 1, disable=self.cfg.quiet, desc="grpo",
+        name = "plain GRPO" if self.cfg.cls_weight == 0 else f"GRPO + cls {self.cfg.cls_weight:g}"
+        self.bar = tqdm(total=self.cfg.iters, initial=start - 1, disable=self.cfg.quiet, desc=name,
                         unit="it", dynamic_ncols=True)
         for it in range(start, self.cfg.iters + 1):
             if stop.requested:
@@ -1292,6 +1334,18 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
     raise Interrupted(log.hard_stop_message())  # only a second Ctrl-C, which stops at once, gets here
 
 
+def train_pair(cfg: Config, train_fn=train) -> dict:
+    """--vs-plain: plain GRPO first, into <out>/plain, then the classifier run with that run as its baseline.
+    The two differ only in cls_weight, so they share the seed, the cold start (computed once), the task
+    sequence and the twin pairs; the classifier run's summary then carries both columns and draws vs_plain.png."""
+    plain = dataclasses.replace(cfg, cls_weight=0.0, out=os.path.join(cfg.out, "plain"), baseline="none",
+                                vs_plain=False)
+    clear_run_folder(plain.out)
+    train_fn(plain)
+    cls = dataclasses.replace(cfg, baseline=plain.out)  # starts from the plain run's cold start: one cold start
+    return train_fn(cls, fit_cold_start(load_checkpoint(plain.out, "cold_start.pt"), cls, build(cls)[2]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line: argparse built from the Config fields
 # ---------------------------------------------------------------------------------------------
@@ -1360,6 +1414,9 @@ def parse_args(argv=None, config=Config, prog: str = "grpo_cls.py") -> tuple[Con
             args = saved | given | {"out": args["resume"], "overwrite": True}
         cfg = config(**args)
         check_env(cfg)
+        if cfg.vs_plain and (cfg.cls_weight == 0 or checkpoint is not None):
+            raise ValueError("--vs-plain needs --cls-weight > 0 and no --resume (resume each run of a pair on "
+                             "its own: <out>/plain, then <out> with --baseline <out>/plain)")
         return cfg, checkpoint
     except (ValueError, TrainingError) as e:
         parser.error(str(e))
@@ -1381,14 +1438,27 @@ def print_summary(s: dict, cfg: Config):
               ("embed cos of the twins", "embed_cos_good_bad"))
     if not s.get("baseline"):
         print("  " + "   ".join(f"{name} {f(s[k])}" for name, k in probes))
-    else:  # the same measures, at the same iteration, in the stored plain-GRPO run from the same cold start
-        print(f"  beside plain GRPO from the same cold start (the stored run {os.path.relpath(s['baseline'])}; "
-              f"vs_plain.png), last evaluation:")
-        print(f"  {'':32}{'this run':>10}{'plain GRPO':>12}")
-        for name, k in (("flawed rate, in-domain", "flawed_rate"), ("success, in-domain", "success_rate"),
-                        ("success, held-out", "ood_success_rate")) + probes:
-            print(f"  {name:32}{f(s[k]):>10}{f(s['baseline_' + k]):>12}")
+    else:  # the same measures, at the same iteration, in the plain-GRPO run from the same cold start
+        print(f"  beside plain GRPO from the same cold start ({os.path.relpath(s['baseline'])}; vs_plain.png), "
+              f"last evaluation:")
+        print(f"  {'':32}{'GRPO + cls':>12}{'plain GRPO':>12}")
+        for name, k in ((f"flawed rate, last {LATE_ITERS} batches", "late_train_flawed_rate"),
+                        ("flawed rate, in-domain", "flawed_rate"), ("flawed rate, held-out", "ood_flawed_rate"),
+                        ("success, in-domain", "success_rate"), ("success, held-out", "ood_success_rate")) + probes:
+            print(f"  {name:32}{f(s.get(k)):>12}{f(s.get('baseline_' + k)):>12}")
+        if s.get("late_train_flawed_rate") is not None and s.get("baseline_late_train_flawed_rate") is not None:
+            lower = s["late_train_flawed_rate"] < s["baseline_late_train_flawed_rate"]
+            print(f"  lower flawed rate in the last {LATE_ITERS} training batches: "
+                  f"{'the classifier' if lower else 'plain GRPO'} (one seed is one draw; results/demo.md tallies 10)")
     print(f"  run folder    {cfg.out}  (curves.png, coupling.png, metrics.jsonl, episode_*.txt)")
+
+
+def clear_run_folder(out: str):
+    """Remove what an earlier run wrote into `out` (made if missing), so that no stale file survives."""
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):
+        if name.startswith("episode_") or name in RUN_FILES:
+            os.remove(os.path.join(out, name))
 
 
 def main(argv=None, config=Config, train_fn=train, prog: str = "grpo_cls.py"):
@@ -1405,11 +1475,13 @@ def main(argv=None, config=Config, train_fn=train, prog: str = "grpo_cls.py"):
             print(f"{prog}: error: run folder {cfg.out} is not empty; pass --overwrite, "
                   f"--resume {cfg.out} or another --out", file=sys.stderr)
             sys.exit(2)
-        for name in os.listdir(cfg.out):  # clear what an earlier run wrote, so no stale file survives
-            if name.startswith("episode_") or name in RUN_FILES:
-                os.remove(os.path.join(cfg.out, name))
+        clear_run_folder(cfg.out)
+    if cfg.vs_plain and train_fn is not train:
+        print(f"{prog}: error: --vs-plain pairs grpo_cls.py's own runs; the lab pairs its arms in its matrices",
+              file=sys.stderr)
+        sys.exit(2)
     try:
-        summary = train_fn(cfg, checkpoint)
+        summary = train_pair(cfg, train_fn) if cfg.vs_plain else train_fn(cfg, checkpoint)
     except TrainingError as e:
         if made and not os.listdir(cfg.out):  # nothing written: leave no empty folder behind
             os.rmdir(cfg.out)

@@ -990,6 +990,42 @@ def test_a_classifier_run_is_set_beside_a_stored_plain_run_from_the_same_cold_st
     assert "another cold start" in capsys.readouterr().err
 
 
+def test_vs_plain_trains_both_arms_from_one_cold_start_and_each_equals_its_own_lone_run(tmp_path, capsys):
+    """make run's pair: plain GRPO into <out>/plain, then the classifier from that run's cold start. Each is
+    bit for bit the run it would be alone, so computing the cold start once changes nothing; the summary
+    carries both columns, the paired endpoint and a verdict line, and vs_plain.png is drawn."""
+    args = TINY_ARGS + UPDATING  # groups that differ: both arms update
+    g.main(args + ["--vs-plain", "--out", str(tmp_path / "pair")])
+    g.main(args + ["--baseline", "none", "--out", str(tmp_path / "cls")])
+    g.main(args + ["--cls-weight", "0", "--out", str(tmp_path / "plain")])
+    assert rows_without_wall_time(tmp_path / "pair") == rows_without_wall_time(tmp_path / "cls")
+    assert rows_without_wall_time(tmp_path / "pair" / "plain") == rows_without_wall_time(tmp_path / "plain")
+    s = json.load(open(tmp_path / "pair" / "summary.json"))
+    plain = json.load(open(tmp_path / "plain" / "summary.json"))
+    assert s["baseline_flawed_rate"] == plain["flawed_rate"]
+    assert s["baseline_late_train_flawed_rate"] == plain["late_train_flawed_rate"] is not None
+    assert (tmp_path / "pair" / "vs_plain.png").exists() and (tmp_path / "pair" / "cold_start.pt").exists() is False
+    g.print_summary(s, tiny(out=str(tmp_path / "pair"), cls_weight=0.5))
+    out = capsys.readouterr().out
+    assert "GRPO + cls  plain GRPO" in out and "lower flawed rate in the last 10 training batches" in out
+
+
+def test_vs_plain_is_refused_in_one_line_without_a_classifier_or_with_resume(tmp_path, capsys):
+    for extra in (["--cls-weight", "0"], ["--resume", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            g.parse_args(TINY_ARGS + ["--vs-plain", "--out", str(tmp_path / "x")] + extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("--vs-plain needs" in err or "no checkpoint" in err)
+
+
+def test_the_paired_endpoint_is_the_mean_training_flawed_rate_of_the_last_10_iterations():
+    rows = [{"iter": 0, "train_flawed_rate": None}] + [{"iter": i, "train_flawed_rate": i / 100} for i in range(1, 16)]
+    assert g.late_flawed_rate(rows, 15) == pytest.approx(np.mean(np.arange(6, 16) / 100))
+    assert g.late_flawed_rate(rows, 4) == pytest.approx(np.mean([0.01, 0.02, 0.03, 0.04]))  # a short run: all
+    assert g.late_flawed_rate(rows[:1], 0) is None
+
+
 def test_a_stored_reference_from_another_cold_start_is_refused_with_a_line_that_says_how_to_regenerate_it(
         tmp_path, capsys, monkeypatch):
     """--baseline auto (the default): a stored plain run that no longer matches, as on another CPU, is never

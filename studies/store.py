@@ -76,14 +76,9 @@ def cold_start_checkpoint(cfg) -> None:
 
 
 def from_cold_start(init: dict, cfg) -> dict:
-    """The shared iteration-0 checkpoint, fitted to this arm: its config, a fresh optimizer (none has
-    stepped yet), and the parameters the cold start never touches (the classifier's) at this arm's own
-    initial values."""
-    _, _, policy, _, _ = arms.build(cfg)
-    model = policy.state_dict() | init["model"]
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    ref = model if cfg.beta > 0 else None  # at iteration 0 the policy is the cold start, pi_ref
-    return init | {"model": model, "optimizer": opt.state_dict(), "ref": ref, "config": dataclasses.asdict(cfg)}
+    """The shared iteration-0 checkpoint, fitted to this arm (grpo_cls.fit_cold_start, with the arm's own
+    policy class)."""
+    return g.fit_cold_start(init, cfg, arms.build(cfg)[2])
 
 
 def run_job(job: tuple) -> tuple:

@@ -12,7 +12,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
+.PHONY: run demo test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,11 @@ $(VENV)/.minigrid: $(STAMP)
 	$(VENV)/bin/pip install --disable-pip-version-check -q $(MINIGRID)
 	touch $(VENV)/.minigrid
 
-run: $(STAMP)  ## the main job: GRPO + classifier on the text task
-	$(PY) grpo_cls.py --cls-weight 0.5 --overwrite
+run: $(STAMP)  ## the main job: plain GRPO, then GRPO + classifier from the same cold start, side by side (Kitchen)
+	$(PY) grpo_cls.py --cls-weight 0.5 --vs-plain --iters 25 --tasks-per-iter 12 --overwrite
+
+demo: $(STAMP)  ## make run's pair on the 10 registered fresh seeds (results/PROTOCOL.md): results/demo.md, ~8 min
+	$(PY) -m studies.demo
 
 test: $(STAMP) $(VENV)/.minigrid  ## the whole test suite (test_grpo_cls.py and studies/), MiniGrid's included, on two single-thread workers
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 test_grpo_cls.py studies/

@@ -37,11 +37,12 @@ def stored(seed: int, root: str = STORE) -> str:
     return os.path.join(root, f"seed{seed}")
 
 
-def train_seed(seed: int, work: str, root: str):
+def train_seed(seed: int, work: str, root: str, iters: int | None = None):
     """One pair into work/seed<s>, then its kept files into root/seed<s> (and plain/)."""
     out = os.path.join(work, f"seed{seed}")
-    subprocess.run([sys.executable, "grpo_cls.py", *SETTING, "--seed", str(seed), "--out", out, "--overwrite",
-                    "--quiet", "--no-plots", "--threads", "2"], check=True)
+    short = [] if iters is None else ["--iters", str(iters)]
+    subprocess.run([sys.executable, "grpo_cls.py", *SETTING, *short, "--seed", str(seed), "--out", out,
+                    "--overwrite", "--quiet", "--no-plots", "--threads", "2"], check=True)
     for arm in ("", "plain"):
         os.makedirs(os.path.join(stored(seed, root), arm), exist_ok=True)
         for name in KEPT:
@@ -109,19 +110,21 @@ def main(argv=None):
     p.add_argument("--seeds", default=SEEDS, help="seeds, e.g. 9101-9110 (the registered ten)")
     p.add_argument("--store", default=STORE, help="where the runs are stored")
     p.add_argument("--work", default="runs/demo", help="where the pairs train")
-    p.add_argument("--report", default="results/demo.md")
+    p.add_argument("--out", default="results", help="the folder the report, demo.md, goes to")
+    p.add_argument("--iters", type=int, help="short (make smoke): fewer iterations than the registered setting's")
     args = p.parse_args(argv)
     seeds = seed_list(args.seeds)
     if not args.tables:
         todo = [s for s in seeds if seed_row(s, args.store) is None]
         for i, s in enumerate(todo, 1):
             print(f"pair {i}/{len(todo)}: seed {s}", flush=True)
-            train_seed(s, args.work, args.store)
+            train_seed(s, args.work, args.store, args.iters)
     text = report(seeds, args.store)
-    with open(args.report, "w") as f:
+    path = os.path.join(args.out, "demo.md")
+    with open(path, "w") as f:
         f.write(text)
     print(text, end="")
-    print(f"wrote {args.report}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

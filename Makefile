@@ -1,4 +1,5 @@
-# The two commands are `make run` and `make test`; `make bench`, `make claims`, `make optimizer`,
+# The two commands are `make run` and `make test`; `make demo` (make run's pair on the registered seeds),
+# `make bench`, `make claims`, `make optimizer`,
 # `make compare`, the `make matrix*` targets, `make coupling`, `make channels`, `make repaired`,
 # `make minigrid-solve`, `make minigrid`, `make headstart`, `make reference` and `make figures` make the
 # README's numbers.
@@ -104,9 +105,10 @@ tables: $(VENV)/.minigrid  ## every table and figure of the findings, from the s
 	$(PY) -m studies.replicate --solve --tables
 	$(PY) -m studies.replicate --tables
 	$(PY) -m studies.headstart
+	$(PY) -m studies.demo --tables
 
 REF := runs/reference-text-plain-seed1
-reference: $(STAMP)  ## the stored plain-GRPO run that make run is set beside (results/reference, vs_plain.png)
+reference: $(STAMP)  ## the stored plain-GRPO run a lone classifier run is set beside (results/reference, --baseline auto)
 	$(PY) grpo_cls.py --cls-weight 0 --baseline none --no-plots --quiet --overwrite --out $(REF)
 	mkdir -p results/reference/text-plain-seed1
 	cp $(REF)/config.json $(REF)/metrics.jsonl $(REF)/summary.json results/reference/text-plain-seed1/

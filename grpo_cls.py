@@ -1,7 +1,7 @@
 """GRPO with a good/bad-action classifier, on toy agent tasks: a minimal, runnable reference.
 
-    make run     # python grpo_cls.py --cls-weight 0.5   (the text task, about a minute on a laptop CPU)
-    make test
+    make run     # plain GRPO, then GRPO + classifier from the same cold start, side by side (under a minute)
+    python grpo_cls.py --cls-weight 0.5                   # one classifier run on the text task
 
 Paper: Liu et al., "Rethinking Reward Miscalibration of GRPO in Agentic RL" / "Gradient Coupling"
 (arXiv:2509.23870); its method is GCD, Generative Classification Disentanglement. GRPO: Shao et al.
@@ -20,7 +20,7 @@ trajectory (1 on success), A = advantage, y = label (1 = bad), c = the classifie
 The method is everything above the ruler "Plumbing", read top to bottom; the loop, train(), comes after
 the plumbing. The research arms (more label sources, channels, shaping, GiGPO) live in studies/arms.py.
 
-Deviations from the paper (see the README for the reasons):
+Deviations from the paper (docs/method.md gives the reasons):
   1. The actor is a 2-layer transformer, not an LLM; GCD's *generated* verdict becomes a linear
      classifier head on the same (state, action) embedding that the policy's logit reads.
   2. Labels for the classifier come from the env's oracle (default: an upper bound a real agent lacks)
@@ -924,7 +924,7 @@ LATE_ITERS = 10  # the paired endpoint (results/PROTOCOL.md): the training batch
 
 def late_flawed_rate(rows: list[dict], last_iter: int) -> float | None:
     """The mean training-batch flawed rate over iterations last_iter - 9 .. last_iter (fewer in a shorter run):
-    some 10,000 steps, where one evaluation reads about 1,000."""
+    10 * tasks_per_iter * G episodes, where one evaluation reads eval_tasks."""
     rates = [r["train_flawed_rate"] for r in rows if last_iter - LATE_ITERS < r["iter"] <= last_iter
              and r["iter"] > 0 and r.get("train_flawed_rate") is not None]
     return float(np.mean(rates)) if rates else None
@@ -936,7 +936,7 @@ def summarize(metrics: list[dict], cfg: Config, write: bool = True, baseline=Non
             "grad_cos_twin", "embed_cos_good_bad", "eval_return")
     first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
     summary = {f"initial_{k}": first.get(k) for k in ("success_rate", "ood_success_rate", "flawed_rate",
-                                                      "eval_return")}
+                                                      "ood_flawed_rate", "eval_return")}
     summary |= {"iters": last.get("iter", 0), "env_steps": last.get("env_steps", 0),
                 "wall_s": last.get("wall_s", 0)}
     summary |= {k: last_eval.get(k) for k in keys} | {"late_train_flawed_rate": late_flawed_rate(metrics, summary["iters"])}
@@ -1432,7 +1432,7 @@ def print_summary(s: dict, cfg: Config):
     print(f"  success       in-domain {f(s['initial_success_rate'])} -> {f(s['success_rate'])}   "
           f"held-out {f(s['initial_ood_success_rate'])} -> {f(s['ood_success_rate'])}")
     print(f"  flawed rate   in-domain {f(s['initial_flawed_rate'])} -> {f(s['flawed_rate'])}   "
-          f"held-out {f(s['ood_flawed_rate'])}")
+          f"held-out {f(s.get('initial_ood_flawed_rate'))} -> {f(s['ood_flawed_rate'])}")
     print(f"  eval return   {f(s['initial_eval_return'])} -> {f(s['eval_return'])}")
     probes = (("pi(flawed) at the twin probes", "probe_flawed_prob"), ("grad cos of the twins", "grad_cos_twin"),
               ("embed cos of the twins", "embed_cos_good_bad"))

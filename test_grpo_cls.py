@@ -497,21 +497,21 @@ def test_help_documents_every_config_field():
         assert "--" + f.name.replace("_", "-") in out
 
 
-def test_readme_flag_table_matches_the_config():
-    """The README's 'Every flag' table is typed from the Config: every field has a row with its default
-    and its help text, so a changed default cannot leave the README behind."""
-    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+def test_the_flag_table_matches_the_config():
+    """docs/flags.md, which the README links, is typed from the Config: every field has a row with its
+    default and its help text, so a changed default cannot leave the docs behind."""
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "flags.md")).read()
     readme = readme.split("| lab flag |")[0]  # the lab's table, below the method's, is studies/test_arms.py's
     rows = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(r"^\| `(--[a-z-]+)` \| (.*?) \| (.*) \|$",
                                                                       readme, flags=re.M)}
     for f in g.dataclasses.fields(g.Config):
         flag = "--" + f.name.replace("_", "-")
-        assert flag in rows, f"README: no row for {flag}"
+        assert flag in rows, f"docs/flags.md: no row for {flag}"
         default, meaning = rows[flag]
         if isinstance(f.default, bool):
             assert default == ("on" if f.default else "off"), flag
         elif f.default != "":  # "" reads as (derived) or (none)
-            assert default == str(f.default), f"README: {flag} default {default}, Config says {f.default}"
+            assert default == str(f.default), f"docs/flags.md: {flag} default {default}, Config says {f.default}"
         assert meaning.startswith(f.metadata["help"]), flag
 
 

@@ -87,9 +87,9 @@ def test_every_stored_run_config_loads_into_the_lab_config_with_no_field_left_ov
         assert arms.ArmConfig(**{k: v for k, v in saved.items() if k in fields} | {"out": "unused"})
 
 
-def test_the_readmes_lab_flag_table_matches_the_arms_config():
-    """The README's table of the lab's flags has a row for each field the arms add, with its default and help."""
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+def test_the_lab_flag_table_matches_the_arms_config():
+    """docs/flags.md's table of the lab's flags has a row for each field the arms add, with its default and help."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "flags.md")).read()
     table = readme.split("| lab flag |")[1].split("\n\n")[0]
     core = {f.name for f in dataclasses.fields(g.Config)}
     for f in dataclasses.fields(arms.ArmConfig):

@@ -16,7 +16,8 @@ import torch
 
 import envs
 import grpo_cls as g
-from studies import arms, channels, claims, compare, endpoints, explain, repaired, replicate, stats, store, toys, twins
+from studies import (arms, bench, channels, claims, compare, demo, endpoints, explain, repaired, replicate, stats, store,
+                     toys, twins)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: results/, docs/
 needs_minigrid = pytest.mark.skipif(importlib.util.find_spec("minigrid") is None, reason="pip install minigrid")
@@ -68,6 +69,35 @@ def test_the_stored_runs_regenerate_the_committed_report_exactly(tmp_path, study
     """results/coupling.md, channels.md and repaired.md are what --tables computes from results/runs/:
     an analysis change that moves a number must regenerate them (and the README's numbers with them)."""
     regenerate(tmp_path, study, [], report)
+
+
+def test_the_stored_demo_pairs_regenerate_the_committed_demo_report_exactly(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "studies.demo", "--tables", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "demo.md").read_text() == open(os.path.join(ROOT, "results", "demo.md")).read()
+
+
+def test_the_registered_demo_checks_exactly_what_make_run_trains():
+    """results/PROTOCOL.md registers make run's setting; the Makefile's run target must pass exactly it."""
+    assert demo.SETTING == bench.make_run_flags()
+
+
+def test_the_demo_report_counts_a_seed_as_holding_only_when_the_classifier_is_lower(tmp_path):
+    """Two fake stored pairs, one each way, and a missing seed: the tally is 1 of 3 and names the missing."""
+    for seed, (cls, plain) in ((1, (0.1, 0.2)), (2, (0.3, 0.2))):
+        for arm, rate in (("", cls), ("plain", plain)):
+            folder = tmp_path / f"seed{seed}" / arm
+            folder.mkdir(parents=True)
+            rows = [{"iter": 0, "train_flawed_rate": None}] + [{"iter": i, "train_flawed_rate": rate} for i in (1, 2)]
+            (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        keys = [k for _, k, _ in demo.SECONDARY]
+        (tmp_path / f"seed{seed}" / "summary.json").write_text(json.dumps(
+            {"iters": 2} | {k: 0.5 for k in keys} | {f"baseline_{k}": 0.4 for k in keys}))
+    text = demo.report([1, 2, 3], str(tmp_path))
+    assert "| 1 | 0.100 | 0.200 | -0.100 |" in text and "| 3 | missing |" in text
+    assert "lower on 1 of 3 seeds** (the rule asks for 9): the demonstration does not hold" in text
+    assert "1 missing" in text
 
 
 @needs_minigrid

@@ -35,7 +35,7 @@ demo: $(STAMP)  ## make run's pair on the 10 registered fresh seeds (results/PRO
 test: $(STAMP) $(VENV)/.minigrid  ## the whole test suite (test_grpo_cls.py and studies/), MiniGrid's included, on two single-thread workers
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 test_grpo_cls.py studies/
 
-figures: run  ## refresh the README's figures from the main run
+figures: run  ## refresh docs/'s figures of a run (docs/run.md) from make run
 	mkdir -p docs
 	cp runs/text-cls0.5-seed1/curves.png runs/text-cls0.5-seed1/coupling.png runs/text-cls0.5-seed1/probe_heatmap.png \
 		runs/text-cls0.5-seed1/vs_plain.png docs/

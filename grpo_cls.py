@@ -1,6 +1,6 @@
 """GRPO with a good/bad-action classifier, on toy agent tasks: a minimal, runnable reference.
 
-    make run     # plain GRPO, then GRPO + classifier from the same cold start, side by side (under a minute)
+    make run     # plain GRPO, then GRPO + classifier from the same cold start, side by side (make bench times it)
     python grpo_cls.py --cls-weight 0.5                   # one classifier run on the text task
 
 Paper: Liu et al., "Rethinking Reward Miscalibration of GRPO in Agentic RL" / "Gradient Coupling"
@@ -66,6 +66,11 @@ SCALE_REWARDS = ("group", "batch", "none")
 ACTION_MASKS = ("env", "none")
 
 
+def short_name(env_id: str) -> str:
+    """'text' or 'grid' for our envs, the id with '/' made '_' for any other: run and reference folders."""
+    return {v: k for k, v in ENV_ALIASES.items()}.get(env_id, env_id.replace("/", "_"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Config: one dataclass; every field's help text becomes `--help`
 # ---------------------------------------------------------------------------------------------
@@ -116,8 +121,7 @@ class Config:
     no_plots: bool = arg(False, "skip the PNGs at the end of the run")
     baseline: str = arg("auto", "a stored plain-GRPO run folder to set beside this run; auto: "
                         "results/reference/<env>-plain-seed<seed> where it fits; none: off")
-    vs_plain: bool = arg(False, "first train plain GRPO (cls_weight 0) from the same cold start into <out>/plain, "
-                         "then this run, and set the two side by side (make run)")
+    vs_plain: bool = arg(False, "plain GRPO first, from the same cold start, into <out>/plain; the two side by side")
 
     def __post_init__(self):
         """Resolve the env alias and the run folder, and refuse bad values with a one-line ValueError
@@ -170,8 +174,7 @@ class Tokenizer:
 
     Our envs declare `vocab` (and Kitchen `max_words`); for any other env the vocabulary is read off the
     observation space: Discrete -> one token, MultiDiscrete or a small integer Box -> one token per
-    cell, Text -> one token per character.
-    """
+    cell, Text -> one token per character."""
 
     def __init__(self, env: gym.Env):
         base, space = env.unwrapped, env.observation_space
@@ -247,8 +250,7 @@ class Policy(nn.Module):
     """pi(a|s) = softmax_a(w . phi(s, a)) over admissible a, and a good/bad classifier c(s, a) = v . phi(s, a).
 
     phi(s, a) is the policy's own embedding of the (state, action) pair. Training the classifier on good/bad
-    labels moves phi of good and bad pairs apart, which is exactly the representation the policy logit uses.
-    """
+    labels moves phi of good and bad pairs apart, which is exactly the representation the policy logit uses."""
 
     def __init__(self, vocab_size: int, seq_len: int, action_tokens: np.ndarray, d: int, n_layers: int,
                  n_heads: int, with_classifier: bool):
@@ -463,10 +465,9 @@ def add_grads(a: list, b: list) -> list:
 
 
 def classifier_stream(policy, cfg: Config, x, m, a, y, labelled, jdx, params: list) -> tuple:
-    """The classifier's term on its share jdx (b',) of the labelled steps, in pieces of minibatch_size
-    samples so that peak memory is one minibatch's (the last piece padded with a weightless repeat: every
-    piece has one shape). Returns the verdicts c (b',), cls_loss (the mean over jdx, as one forward would
-    give) and the gradient of cls_weight * cls_loss."""
+    """The classifier's term on its share jdx (b',) of the labelled steps, in pieces of minibatch_size samples
+    (peak memory is one minibatch's; the last piece is padded with a weightless repeat, so all have one shape).
+    Returns the verdicts c (b',), cls_loss (the mean over jdx, as one pass gives), grad(cls_weight * cls_loss)."""
     c, cls_loss, grads = [], torch.zeros((), device=x.device), [None] * len(params)
     for part in jdx.split(cfg.minibatch_size):                                    # (<= minibatch_size,)
         n = len(part)
@@ -512,9 +513,8 @@ def grpo_update(run, batch, A, labels) -> list[dict]:
             if jdx is not None and len(jdx):
                 c, cls_loss, g_cls = classifier_stream(policy, cfg, x, m, a, *labels, jdx, params)
                 g_cls, cls_norm = clip_to_norm(g_cls, cfg.max_grad_norm)
-            # The paper's loss, pg_loss + beta * kl + cls_weight * cls_loss, as this step's gradient. It is not one
-            # loss.backward(): each stream is clipped on its own (deviation 5), so the classifier never shrinks
-            # the policy step.
+            # The paper's loss, pg_loss + beta * kl + cls_weight * cls_loss, as this step's gradient; not one
+            # loss.backward(): each stream is clipped on its own (deviation 5), so the classifier never shrinks it.
             grads = add_grads(g_pg, g_cls)  # = clip(grad(pg_loss + beta * kl)) + clip(grad(cls_weight * cls_loss))
             for p, grad in zip(params, grads):
                 p.grad = grad
@@ -604,11 +604,6 @@ def cold_start(policy, cfg: Config, envs_, tok, rng, gen, device):
 
 # -- errors, and what a row of metrics.jsonl holds --------------------------------------------------
 
-def short_name(env_id: str) -> str:
-    """'text' or 'grid' for our envs, the id with '/' made '_' for any other: run and reference folders."""
-    return {v: k for k, v in ENV_ALIASES.items()}.get(env_id, env_id.replace("/", "_"))
-
-
 
 class TrainingError(Exception):
     """A run cannot go on; main() prints the message as one line and exits 2."""
@@ -618,8 +613,8 @@ class Interrupted(Exception):
     """Ctrl-C: the run saved a checkpoint and stops; main() exits 130."""
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "cold_start.pt", "curves.png", "coupling.png",
-             "probe_heatmap.png", "vs_plain.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "cold_start.pt", "curves.png",
+             "coupling.png", "probe_heatmap.png", "vs_plain.png")
 ROW_KEYS = ("train_success_rate", "train_flawed_rate", "train_invalid_rate", "success_rate",
             "ood_success_rate", "flawed_rate", "ood_flawed_rate", "probe_flawed_prob",
             "probe_flawed_probs", "probe_control_probs", "grad_cos_twin", "grad_cos_twin_each",
@@ -939,7 +934,8 @@ def summarize(metrics: list[dict], cfg: Config, write: bool = True, baseline=Non
                                                       "ood_flawed_rate", "eval_return")}
     summary |= {"iters": last.get("iter", 0), "env_steps": last.get("env_steps", 0),
                 "wall_s": last.get("wall_s", 0)}
-    summary |= {k: last_eval.get(k) for k in keys} | {"late_train_flawed_rate": late_flawed_rate(metrics, summary["iters"])}
+    summary |= {k: last_eval.get(k) for k in keys}
+    summary["late_train_flawed_rate"] = late_flawed_rate(metrics, summary["iters"])
     if baseline is not None:  # the same keys, from the plain-GRPO run at the same iteration
         path, rows = baseline
         same_it = next((r for r in rows if r["iter"] == last_eval.get("iter")), {})
@@ -1334,6 +1330,14 @@ def train(cfg: Config, checkpoint: dict | None = None) -> dict:
     raise Interrupted(log.hard_stop_message())  # only a second Ctrl-C, which stops at once, gets here
 
 
+def clear_run_folder(out: str):
+    """Remove what an earlier run wrote into `out` (made if missing), so that no stale file survives."""
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):
+        if name.startswith("episode_") or name in RUN_FILES:
+            os.remove(os.path.join(out, name))
+
+
 def train_pair(cfg: Config, train_fn=train) -> dict:
     """--vs-plain: plain GRPO first, into <out>/plain, then the classifier run with that run as its baseline.
     The two differ only in cls_weight, so they share the seed, the cold start (computed once), the task
@@ -1342,7 +1346,7 @@ def train_pair(cfg: Config, train_fn=train) -> dict:
                                 vs_plain=False)
     clear_run_folder(plain.out)
     train_fn(plain)
-    cls = dataclasses.replace(cfg, baseline=plain.out)  # starts from the plain run's cold start: one cold start
+    cls = dataclasses.replace(cfg, baseline=plain.out, vs_plain=False)  # a run of its own, resumable as one
     return train_fn(cls, fit_cold_start(load_checkpoint(plain.out, "cold_start.pt"), cls, build(cls)[2]))
 
 
@@ -1415,8 +1419,8 @@ def parse_args(argv=None, config=Config, prog: str = "grpo_cls.py") -> tuple[Con
         cfg = config(**args)
         check_env(cfg)
         if cfg.vs_plain and (cfg.cls_weight == 0 or checkpoint is not None):
-            raise ValueError("--vs-plain needs --cls-weight > 0 and no --resume (resume each run of a pair on "
-                             "its own: <out>/plain, then <out> with --baseline <out>/plain)")
+            raise ValueError("--vs-plain needs --cls-weight > 0 and no --resume (resume a pair's runs one by one: "
+                             "<out>/plain, then <out>)")
         return cfg, checkpoint
     except (ValueError, TrainingError) as e:
         parser.error(str(e))
@@ -1440,30 +1444,28 @@ def print_summary(s: dict, cfg: Config):
         print("  " + "   ".join(f"{name} {f(s[k])}" for name, k in probes))
     else:  # the same measures, at the same iteration, in the plain-GRPO run from the same cold start
         print(f"  beside plain GRPO from the same cold start ({os.path.relpath(s['baseline'])}; vs_plain.png), "
-              f"last evaluation:")
+              f"at the end:")
         print(f"  {'':32}{'GRPO + cls':>12}{'plain GRPO':>12}")
         for name, k in ((f"flawed rate, last {LATE_ITERS} batches", "late_train_flawed_rate"),
                         ("flawed rate, in-domain", "flawed_rate"), ("flawed rate, held-out", "ood_flawed_rate"),
                         ("success, in-domain", "success_rate"), ("success, held-out", "ood_success_rate")) + probes:
             print(f"  {name:32}{f(s.get(k)):>12}{f(s.get('baseline_' + k)):>12}")
-        if s.get("late_train_flawed_rate") is not None and s.get("baseline_late_train_flawed_rate") is not None:
-            lower = s["late_train_flawed_rate"] < s["baseline_late_train_flawed_rate"]
-            print(f"  lower flawed rate in the last {LATE_ITERS} training batches: "
-                  f"{'the classifier' if lower else 'plain GRPO'} (one seed is one draw; results/demo.md tallies 10)")
+        cls, plain = s.get("late_train_flawed_rate"), s.get("baseline_late_train_flawed_rate")
+        if cls is not None and plain is not None:
+            lower = "the classifier" if cls < plain else "plain GRPO" if plain < cls else "neither (a tie)"
+            tally = "; results/demo.md tallies 10 of make run's" if cfg.vs_plain else ""
+            print(f"  lower flawed rate in the last {LATE_ITERS} training batches: {lower} "
+                  f"(one seed is one draw{tally})")
     print(f"  run folder    {cfg.out}  (curves.png, coupling.png, metrics.jsonl, episode_*.txt)")
-
-
-def clear_run_folder(out: str):
-    """Remove what an earlier run wrote into `out` (made if missing), so that no stale file survives."""
-    os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):
-        if name.startswith("episode_") or name in RUN_FILES:
-            os.remove(os.path.join(out, name))
 
 
 def main(argv=None, config=Config, train_fn=train, prog: str = "grpo_cls.py"):
     """The command line. studies/arms.py runs its own Config and trainer through it."""
     cfg, checkpoint = parse_args(argv, config, prog)
+    if cfg.vs_plain and train_fn is not train:
+        print(f"{prog}: error: --vs-plain pairs grpo_cls.py's own runs; the lab pairs its arms in its matrices",
+              file=sys.stderr)
+        sys.exit(2)
     made = not os.path.exists(cfg.out)
     try:
         os.makedirs(cfg.out, exist_ok=True)
@@ -1476,10 +1478,6 @@ def main(argv=None, config=Config, train_fn=train, prog: str = "grpo_cls.py"):
                   f"--resume {cfg.out} or another --out", file=sys.stderr)
             sys.exit(2)
         clear_run_folder(cfg.out)
-    if cfg.vs_plain and train_fn is not train:
-        print(f"{prog}: error: --vs-plain pairs grpo_cls.py's own runs; the lab pairs its arms in its matrices",
-              file=sys.stderr)
-        sys.exit(2)
     try:
         summary = train_pair(cfg, train_fn) if cfg.vs_plain else train_fn(cfg, checkpoint)
     except TrainingError as e:

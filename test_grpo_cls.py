@@ -1011,12 +1011,25 @@ def test_vs_plain_trains_both_arms_from_one_cold_start_and_each_equals_its_own_l
 
 
 def test_vs_plain_is_refused_in_one_line_without_a_classifier_or_with_resume(tmp_path, capsys):
-    for extra in (["--cls-weight", "0"], ["--resume", str(tmp_path)]):
+    g.main(TINY_ARGS + ["--iters", "2", "--out", str(tmp_path / "run")])  # a folder with a checkpoint
+    capsys.readouterr()
+    for extra in (["--cls-weight", "0"], ["--resume", str(tmp_path / "run")]):
         with pytest.raises(SystemExit) as e:
-            g.parse_args(TINY_ARGS + ["--vs-plain", "--out", str(tmp_path / "x")] + extra)
+            g.parse_args(TINY_ARGS + ["--iters", "2", "--vs-plain", "--out", str(tmp_path / "x")] + extra)
         assert e.value.code == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and ("--vs-plain needs" in err or "no checkpoint" in err)
+        assert err.count("\n") == 1 and "--vs-plain needs --cls-weight > 0 and no --resume" in err
+
+
+def test_the_classifier_arm_of_a_pair_resumes_exactly_as_its_uninterrupted_run(tmp_path):
+    """Stopped after 2 iterations, a pair's classifier arm is a run of its own: --resume continues it, still set
+    beside its plain arm, bit for bit as a classifier run that never stopped."""
+    args = TINY_ARGS + UPDATING + ["--anneal-lr", "0"]
+    g.main(args + ["--baseline", "none", "--out", str(tmp_path / "straight")])
+    g.main(args + ["--vs-plain", "--iters", "2", "--out", str(tmp_path / "pair")])
+    g.main(["--resume", str(tmp_path / "pair"), "--iters", "4", "--quiet"])
+    assert rows_without_wall_time(tmp_path / "pair") == rows_without_wall_time(tmp_path / "straight")
+    assert json.load(open(tmp_path / "pair" / "config.json"))["baseline"] == str(tmp_path / "pair" / "plain")
 
 
 def test_the_paired_endpoint_is_the_mean_training_flawed_rate_of_the_last_10_iterations():

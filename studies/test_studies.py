@@ -84,20 +84,26 @@ def test_the_registered_demo_checks_exactly_what_make_run_trains():
 
 
 def test_the_demo_report_counts_a_seed_as_holding_only_when_the_classifier_is_lower(tmp_path):
-    """Two fake stored pairs, one each way, and a missing seed: the tally is 1 of 3 and names the missing."""
-    for seed, (cls, plain) in ((1, (0.1, 0.2)), (2, (0.3, 0.2))):
-        for arm, rate in (("", cls), ("plain", plain)):
+    """Fake stored pairs at the registered setting, one each way; a pair stored at another length and a seed
+    never stored both count as missing: the tally is 1 of 4."""
+    for seed, (cls, plain), iters in ((1, (0.1, 0.2), 25), (2, (0.3, 0.2), 25), (3, (0.1, 0.2), 24)):
+        for arm, rate, weight in (("", cls, 0.5), ("plain", plain, 0.0)):
             folder = tmp_path / f"seed{seed}" / arm
             folder.mkdir(parents=True)
-            rows = [{"iter": 0, "train_flawed_rate": None}] + [{"iter": i, "train_flawed_rate": rate} for i in (1, 2)]
+            rows = [{"iter": 0, "train_flawed_rate": None}] + [{"iter": i, "train_flawed_rate": rate}
+                                                               for i in range(1, iters + 1)]
             (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+            config = {"env": "grpo_cls/Kitchen-v0", "seed": seed, "cls_weight": weight, "iters": iters,
+                      "tasks_per_iter": 12, "cls_labels": "oracle"}
+            (folder / "config.json").write_text(json.dumps(config))
         keys = [k for _, k, _ in demo.SECONDARY]
         (tmp_path / f"seed{seed}" / "summary.json").write_text(json.dumps(
-            {"iters": 2} | {k: 0.5 for k in keys} | {f"baseline_{k}": 0.4 for k in keys}))
-    text = demo.report([1, 2, 3], str(tmp_path))
-    assert "| 1 | 0.100 | 0.200 | -0.100 |" in text and "| 3 | missing |" in text
-    assert "lower on 1 of 3 seeds** (the rule asks for 9): the demonstration does not hold" in text
-    assert "1 missing" in text
+            {"iters": iters} | {k: 0.5 for k in keys} | {f"baseline_{k}": 0.4 for k in keys}))
+    text = demo.report([1, 2, 3, 4], str(tmp_path))
+    assert "| 1 | 0.100 | 0.200 | -0.100 |" in text and "| 2 | 0.300 | 0.200 | +0.100 |" in text
+    assert "| 3 | missing" in text and "| 4 | missing" in text
+    assert "lower on 1 of 4 seeds** (the rule asks for 9): the demonstration does not hold" in text
+    assert "2 missing" in text
 
 
 @needs_minigrid

@@ -13,7 +13,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
+.PHONY: run demo regime test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ run: $(STAMP)  ## the main job: plain GRPO, then GRPO + classifier from the same
 
 demo: $(STAMP)  ## make run's pair on the 10 registered fresh seeds (results/PROTOCOL.md): results/demo.md, ~8 min
 	$(PY) -m studies.demo
+
+regime: $(STAMP)  ## development (seeds 1-3): where the twins start, per trunk and cold start (results/regime-text.md), ~5 min
+	$(PY) -m studies.regime
 
 test: $(STAMP) $(VENV)/.minigrid  ## the whole test suite (test_grpo_cls.py and studies/), MiniGrid's included, on two single-thread workers
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 test_grpo_cls.py studies/

@@ -21,7 +21,7 @@ import sys
 
 import grpo_cls as g
 from studies.stats import mean_ci, sign_flip_p
-from studies.store import seed_list
+from studies.store import seed_list, write_report
 
 SETTING = ["--cls-weight", "0.5", "--vs-plain", "--iters", "25", "--tasks-per-iter", "12"]  # the Makefile's run
 SEEDS = "9101-9110"
@@ -147,11 +147,7 @@ def main(argv=None):
             print(f"pair {i}/{len(todo)}: seed {s}", flush=True)
             train_seed(s, args.work, args.store, args.iters)
     text = report(seeds, args.store, args.iters)
-    path = os.path.join(args.out, "demo.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(text, end="")
-    print(f"wrote {path}")
+    write_report(os.path.join(args.out, "demo.md"), text)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def rows(tmp: str) -> list[tuple[str, list[str]]]:
         ("reference", ["cp", f"{ref}/config.json", f"{ref}/metrics.jsonl", f"{ref}/summary.json", ref_dest]),
         ("run", [PY, "grpo_cls.py", "--cls-weight", "0.5", "--vs-plain", "--iters", "25", "--tasks-per-iter", "12",
                  "--overwrite", *short, "--out", run]),
+        ("regime", study("regime", "--seeds", "1", "--out", R)),
         ("demo", study("demo", "--seeds", "9101", "--iters", "2", "--store", f"{tmp}/store/demo", "--work",
                        f"{S}/demo", "--out", R)),
         ("figures", ["mkdir", "-p", D]),

@@ -385,3 +385,11 @@ def train_or_exit(args, arms_of: dict, overrides, script: str):
         print(f"{script}: trained what was missing in {minutes:.1f} min")
     except KeyboardInterrupt:
         sys.exit(f"{script}: interrupted; {args.store} keeps every finished run, and the same command skips them")
+
+
+def write_report(path: str, text: str):
+    """Write a study's report and echo it, as every study's command does."""
+    with open(path, "w") as f:
+        f.write(text)
+    print(text, end="")
+    print(f"wrote {path}")

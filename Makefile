@@ -13,7 +13,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo regime test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
+.PHONY: run demo regime mechanism test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ demo: $(STAMP)  ## make run's pair on the 10 registered fresh seeds (results/PRO
 
 regime: $(STAMP)  ## development (seeds 1-3): where the twins start, per trunk and cold start (results/regime-text.md), ~5 min
 	$(PY) -m studies.regime
+
+mechanism: $(STAMP)  ## the mechanism matrix (results/PROTOCOL.md): 3 regimes x 7 arms, ~4-5 h on 2 cores; resumes
+	$(PY) -m studies.mechanism
 
 test: $(STAMP) $(VENV)/.minigrid  ## the whole test suite (test_grpo_cls.py and studies/), MiniGrid's included, on two single-thread workers
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 test_grpo_cls.py studies/

@@ -869,7 +869,8 @@ def side_generators(run: RunState) -> dict:
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The fields only the lab's runs have (studies/arms.py), at the values that leave this file's method as it
 # is. A stored run with another value there was trained by the lab: --resume and --baseline refuse it.
-LAB_FIELDS_OFF = {"adv": "grpo", "cls_design": "shared", "cls_channel": "head", "shaping": "none"}
+LAB_FIELDS_OFF = {"adv": "grpo", "cls_design": "shared", "cls_channel": "head", "shaping": "none", "pretrain": "none",
+                  "cls_placement": "all"}
 UPDATE_VERSION = 2  # config.json's "update": 2 clips each stream on its own; a run without it had one clip
 NOT_COMPARED = ("cls_weight", "cls_labels", "out", "overwrite", "resume", "quiet", "no_plots", "baseline", "vs_plain",
                 "device", "threads", "twin_pairs",  # where a baseline may differ; and what a plain run does not read

@@ -6,10 +6,15 @@ grpo_cls.py teaches the method; the studies also ask what carries its effect. Th
   - more label sources (--cls-labels step | loop | loop-repaired): GiGPO's anchors, or loops in what the
     agent sees, both available to a real agent (the oracle is not);
   - --cls-channel placebo (the classifier on permuted labels: its optimizer effects without the
-    information) and --cls-channel policy (the same labelled steps as a +-1 advantage on log pi);
+    information), --cls-channel policy (the same labelled steps as a +-1 advantage on log pi) and
+    --cls-channel repel (no labels: training twin pairs' embeddings pushed apart, the representation alone);
   - --shaping oracle | loop: the labels carried by the reward (minus lambda per bad step) instead;
   - --cls-design separate: the classifier reads the action as an input token, as an LLM judge would;
   - --adv gigpo: GiGPO's step-level advantage (arXiv:2505.10978), a baseline for comparison only;
+  - --cls-placement high | low: oracle labels only at steps whose observation is a twin of a high- (or
+    low-) overlap training pair, as many for each: does a label count for more where twins are coupled?
+  - --pretrain mlm: the trunk pretrained without task labels before the cold start, so that twins start
+    nearly identical, as near-identical prompts do in a pretrained language model;
   - the update's shadow statistics: each stream's gradient norm and clip, the clip a joint loss would have
     applied (joint_clip_pg_scale), Adam's shared moments (adam_pg_step_scale), and label quality.
 The update and the loop repeat grpo_cls.py's in full, with the arms in them: with every arm off they train
@@ -20,7 +25,9 @@ code from before the two were split.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,9 +40,16 @@ from grpo_cls import arg
 
 CLS_LABELS = g.CLS_LABELS + ("step", "loop", "loop-repaired")
 CLS_DESIGNS = ("shared", "separate")
-CLS_CHANNELS = ("head", "placebo", "policy")
+CLS_CHANNELS = ("head", "placebo", "policy", "repel")
+REPEL_PAIRS = 256  # --cls-channel repel's training twin pairs, sampled with seed 10_000 + seed: never the measured
 ADVANTAGES = ("grpo", "gigpo")
 SHAPING = ("none", "oracle", "loop")
+PRETRAIN = ("none", "mlm")
+PLACEMENTS = ("all", "high", "low")
+PLACEMENT_PAIRS, PLACEMENT_CAP = 1024, 32  # training twin pairs (seed 10_000 + seed); labels kept per batch
+COLD_START_FIELDS = ("env", "env_kwargs", "seed", "action_mask", "sft_steps", "sft_noise", "sft_lr", "d_model",
+                     "n_layers", "n_heads", "tasks_per_iter", "num_generations", "pretrain")  # what fixes pi_0
+PRETRAIN_STEPS, PRETRAIN_LR, MASK_SHARE = 300, 2e-3, 0.15  # studies/regime.py measured these on seeds 1-3
 ROW_KEYS = g.ROW_KEYS + ("label_agree", "label_precision", "label_recall", "cls_grad_norm", "cls_grad_clipped_frac",
                          "cls_pg_grad_ratio", "joint_clip_pg_scale", "adam_pg_step_scale")
 
@@ -59,10 +73,18 @@ class ArmConfig(g.Config):
                           CLS_DESIGNS)
     cls_channel: str = arg("head", "what carries the labels, on the same labelled steps: the classifier (head); "
                            "the classifier on labels permuted among each batch's labelled steps (placebo); or "
-                           "a policy-gradient term with advantage +1 (good) or -1 (bad) (policy)", CLS_CHANNELS)
+                           "a policy-gradient term with advantage +1 (good) or -1 (bad) (policy); or no labels at "
+                           "all: the twins' pair embeddings pushed apart on training twin pairs (repel)",
+                           CLS_CHANNELS)
     shaping: str = arg("none", "reward shaping: the outcome reward minus --shaping-lambda for each step the "
                        "oracle (oracle) or the loop labels (loop) call bad", SHAPING)
     shaping_lambda: float = arg(0.05, "lambda, the reward taken off per step labelled bad (--shaping)")
+    cls_placement: str = arg("all", "which labelled steps the side stream keeps: all, or only steps whose "
+                             "observation is a twin in a training twin pair of high (or low) overlap at the cold "
+                             "start, at most 32 a batch (label placement)", PLACEMENTS)
+    pretrain: str = arg("none", "the trunk before the cold start: as initialised (none), or pretrained without task "
+                        "labels by masked-token prediction on observations a noisy scripted agent visits (mlm)",
+                        PRETRAIN)
 
     def __post_init__(self):
         """grpo_cls.Config's checks, the arms' own, and the env made once (check_env), as the studies expect."""
@@ -77,9 +99,11 @@ class ArmConfig(g.Config):
         if self.cls_channel != "head" and self.cls_weight == 0:
             raise ValueError(f"--cls-channel {self.cls_channel} carries the labels in the side stream: give it "
                              f"--cls-weight > 0")
-        if self.cls_channel == "policy" and self.cls_design != "shared":
-            raise ValueError("--cls-channel policy trains no classifier, so it has no --cls-design; leave it "
-                             "shared")
+        if self.cls_placement != "all" and (self.cls_weight == 0 or self.cls_channel == "repel"):
+            raise ValueError("--cls-placement places labels: give it --cls-weight > 0 and a channel with labels")
+        if self.cls_channel in ("policy", "repel") and self.cls_design != "shared":
+            raise ValueError(f"--cls-channel {self.cls_channel} trains no classifier, so it has no --cls-design; "
+                             f"leave it shared")
         if self.shaping != "none" and self.cls_weight > 0:
             raise ValueError("--shaping is the classifier's control: use it with --cls-weight 0 (one channel "
                              "at a time)")
@@ -250,6 +274,52 @@ def classifier_labels(cfg: ArmConfig, batch, A, device) -> tuple:
     return torch.as_tensor(y, device=device), torch.as_tensor(labelled, device=device)
 
 
+def placement_split(cfg: ArmConfig, policy, tok, env, device) -> dict:
+    """Label placement's two halves: PLACEMENT_PAIRS training twin pairs (seed 10_000 + seed, never the
+    measured ones) split at the median of their overlap (the cosine of the twins' gradients of log pi) under
+    `policy`, which must be the cold start. Returns the observations (hex of their tokens) of each half, the
+    median, and the cold start's fields (what makes a stored split fit a run)."""
+    if not hasattr(env.unwrapped, "twin_pairs"):
+        raise g.TrainingError(f"--cls-placement needs twin pairs, which {cfg.env} does not sample")
+    pairs = env.unwrapped.twin_pairs(PLACEMENT_PAIRS, seed=10_000 + cfg.seed)
+    use_mask = cfg.action_mask == "env"
+    overlap = g.pair_diagnostics(policy, tok, pairs, device, use_mask, with_grads=True)["pair_grad_cos"]
+    median = float(np.median(overlap))
+
+    def half(keep):
+        return sorted({tok.encode(p[k]).tobytes().hex() for p, c in zip(pairs, overlap) if keep(c)
+                       for k in ("obs_good", "obs_flawed")})
+    return {"high": half(lambda c: c > median), "low": half(lambda c: c <= median), "median": median,
+            "cold_start": {k: getattr(cfg, k) for k in COLD_START_FIELDS}}
+
+
+def placement_keys(cfg: ArmConfig, policy, tok, env, device, at_cold_start: bool) -> set[bytes]:
+    """The observations of --cls-placement's half, from placement.json in the run folder, or computed at the
+    cold start and written there (a resumed run reads the split its start made)."""
+    path = os.path.join(cfg.out, "placement.json")
+    split = json.load(open(path)) if os.path.exists(path) else None
+    if split is None or split["cold_start"] != {k: getattr(cfg, k) for k in COLD_START_FIELDS}:
+        if not at_cold_start:
+            raise g.TrainingError(f"--cls-placement: {path} is missing or from another cold start, and the "
+                                  f"policy has left its cold start; start the run anew")
+        split = placement_split(cfg, policy, tok, env, device)
+        with open(path, "w") as f:
+            json.dump(split, f)
+    return {bytes.fromhex(k) for k in split[cfg.cls_placement]}
+
+
+def placed_labels(labels: tuple, batch, keys: set[bytes], gen, device) -> tuple:
+    """Label placement: of the labelled steps, keep those whose observation is in `keys`, at most
+    PLACEMENT_CAP, drawn with `gen` (the same count for both halves whenever both reach the cap)."""
+    y, labelled = labels
+    at_twin = torch.as_tensor(np.array([t.tobytes() in keys for t in batch["tokens"]], dtype=bool), device=device)
+    idx = torch.nonzero(labelled & at_twin).squeeze(1)
+    keep = idx[torch.randperm(len(idx), generator=gen, device=device)[:PLACEMENT_CAP]]
+    placed = torch.zeros_like(labelled)
+    placed[keep] = True
+    return y, placed
+
+
 def shaping_steps(batch, G: int) -> np.ndarray:
     """The steps of groups whose outcomes tie but whose shaped rewards differ: what --shaping adds where
     the outcome reward carries nothing. They are the shaping arm's side stream, as the labelled steps
@@ -361,6 +431,45 @@ def classifier_stream(policy, cfg: ArmConfig, x, m, a, logp_old, y, labelled, jd
     return (torch.cat(c) if c else None), cls_loss, grads
 
 
+def repel_pairs(cfg: ArmConfig, tok, env, device) -> dict:
+    """--cls-channel repel's REPEL_PAIRS training twin pairs, fixed by the seed (a resumed run rebuilds the same):
+    x (P, 2, L) the good and the flawed twin's tokens, m (P, 2, n_act) their masks, a (P,) the action."""
+    if not hasattr(env.unwrapped, "twin_pairs"):
+        raise g.TrainingError(f"--cls-channel repel needs twin pairs, which {cfg.env} does not sample")
+    pairs = env.unwrapped.twin_pairs(REPEL_PAIRS, seed=10_000 + cfg.seed)
+    x = np.stack([[tok.encode(p[k]) for k in ("obs_good", "obs_flawed")] for p in pairs])
+    m = np.stack([[p[k] for k in ("mask_good", "mask_flawed")] for p in pairs]).astype(bool)
+    m = m if cfg.action_mask == "env" else np.ones_like(m)
+    return {"x": torch.as_tensor(x, device=device), "m": torch.as_tensor(m, device=device),
+            "a": torch.as_tensor([p["action"] for p in pairs], device=device)}
+
+
+def twin_repulsion(phi_good, phi_flawed, real):
+    """The mean cosine of the twins' pair embeddings over the real rows; (b, d), (b, d), (b,) bool."""
+    cos = F.cosine_similarity(phi_good, phi_flawed, dim=-1)
+    return (cos * real).sum() / real.sum().clamp(min=1)
+
+
+def repel_stream(policy, cfg: ArmConfig, pairs: dict, jdx, params: list) -> tuple:
+    """--cls-channel repel: the side stream's term on its share jdx (b',) of the training twin pairs, with no
+    label: the mean cosine of phi(s_good, a) and phi(s_flawed, a), which the step lowers. In pieces of
+    minibatch_size / 2 pairs (one minibatch's observations), padded as classifier_stream's. Returns None (no
+    verdicts), the term (the mean over jdx) and the gradient of cls_weight times it."""
+    size = max(1, cfg.minibatch_size // 2)
+    loss, grads = torch.zeros((), device=jdx.device), [None] * len(params)
+    for part in jdx.split(size):
+        n = len(part)
+        real = torch.arange(size, device=jdx.device) < n
+        part = torch.cat([part, part[:1].expand(size - n)])
+        phi = policy(pairs["x"][part].flatten(0, 1), pairs["m"][part].flatten(0, 1))[1]  # (2 size, n_act, d)
+        phi = phi.view(size, 2, *phi.shape[1:])
+        rows, a = torch.arange(size, device=jdx.device), pairs["a"][part]
+        part_loss = twin_repulsion(phi[rows, 0, a], phi[rows, 1, a], real) * (n / len(jdx))
+        grads = g.add_grads(grads, torch.autograd.grad(cfg.cls_weight * part_loss, params, allow_unused=True))
+        loss = loss + part_loss.detach()
+    return None, loss, grads
+
+
 def label_quality(y, labelled, flawed) -> dict:
     """The side stream's labels on one batch against the oracle's flawed flag, all (S,): the share of
     steps labelled; among those, how often the label agrees with the oracle; and of "bad", its precision
@@ -416,7 +525,7 @@ def adam_pg_step_scale(opt, params: list, g_pg: list, shared: list[int]):
 
 
 def grpo_update(policy, ref, opt, cfg: ArmConfig, batch, A, labels, gen, device, cls_gen=None,
-                label_gen=None) -> dict:
+                label_gen=None, pairs: dict | None = None) -> dict:
     """num_iterations epochs of minibatch steps on the batch. A (S,) is each step sample's advantage;
     labels the side stream's (y, labelled), classifier_labels(cfg, batch, A) when None.
 
@@ -428,7 +537,9 @@ def grpo_update(policy, ref, opt, cfg: ArmConfig, batch, A, labels, gen, device,
     gradient is clipped to max_grad_norm on its own and the two are summed into one Adam step, so the
     classifier never shrinks the policy gradient through the clip (test_fair_update_*). The placebo's
     permutation is drawn with a third generator, `label_gen`, so that it takes the classifier's very
-    steps. Returns the mean of each logged term and the counts of update_stats()."""
+    steps. With --cls-channel repel the side stream's items are the training twin pairs (`pairs`, repel_pairs)
+    instead of labelled steps, shared out the same way. Returns the mean of each logged term and the counts of
+    update_stats()."""
     x, m = torch.as_tensor(batch["tokens"], device=device), torch.as_tensor(batch["mask"], device=device)
     a, logp_old = (torch.as_tensor(batch[k], device=device) for k in ("action", "logp"))
     flawed = torch.as_tensor(batch["flawed"], device=device)
@@ -438,7 +549,10 @@ def grpo_update(policy, ref, opt, cfg: ArmConfig, batch, A, labels, gen, device,
     shaped_idx = torch.as_tensor(shaping_steps(batch, cfg.num_generations) if cfg.shaping != "none"
                                  else np.zeros(0, dtype=np.int64), device=device)              # (S_shaped,)
     side, y, labelled, quality = policy.with_classifier, None, None, {}  # a side stream on labelled steps
-    if side:
+    repel = side and cfg.cls_channel == "repel"
+    if repel:  # ... or on training twin pairs, with no label
+        cls_idx = torch.arange(len(pairs["a"]), device=device)                                   # (P,)
+    elif side:
         y, labelled = labels if labels is not None else classifier_labels(cfg, batch, A, device)
         if cfg.cls_channel == "placebo":
             label_gen = label_gen or torch.Generator(device=device).manual_seed(cfg.seed + 2)
@@ -466,8 +580,9 @@ def grpo_update(policy, ref, opt, cfg: ArmConfig, batch, A, labels, gen, device,
             grads, t["c"], t["cls_loss"] = g_pg_clipped, None, torch.zeros((), device=device)
             t["cls_grad_norm"], shared = torch.zeros((), device=device), []
             if jdx is not None and len(jdx):
-                t["c"], t["cls_loss"], g_cls = classifier_stream(policy, cfg, x, m, a, logp_old, y, labelled,
-                                                                 jdx, params)
+                t["c"], t["cls_loss"], g_cls = (repel_stream(policy, cfg, pairs, jdx, params) if repel else
+                                                classifier_stream(policy, cfg, x, m, a, logp_old, y, labelled,
+                                                                  jdx, params))
                 g_cls_clipped, norm_cls = g.clip_to_norm(g_cls, cfg.max_grad_norm)
                 grads = g.add_grads(grads, g_cls_clipped)
                 shared = shared_params(g_pg, g_cls)
@@ -478,7 +593,7 @@ def grpo_update(policy, ref, opt, cfg: ArmConfig, batch, A, labels, gen, device,
             opt.step()
             if side:  # every step: the shadow second moment keeps pace with Adam's own
                 t["adam_pg_step_scale"] = adam_pg_step_scale(opt, params, g_pg_clipped, shared)
-            side_flawed, side_y = (flawed[jdx], y[jdx]) if t.get("side") else (None, None)
+            side_flawed, side_y = (flawed[jdx], y[jdx]) if t.get("side") and not repel else (None, None)
             logs.append(opt_step_stats(t, cfg, side_flawed, side_y))
     return update_stats(logs, cfg, batch, policy, ref, labelled, len(pg_idx) + len(shaped_idx)) | quality
 
@@ -486,6 +601,59 @@ def grpo_update(policy, ref, opt, cfg: ArmConfig, batch, A, labels, gen, device,
 # ---------------------------------------------------------------------------------------------
 # The run: grpo_cls.train's loop, with the arms' rewards, advantages, labels and update
 # ---------------------------------------------------------------------------------------------
+
+def visited_observations(cfg: g.Config, tok, envs_, rng, gen, device) -> tuple:
+    """Tokens (N, L) of the states a noisy scripted agent (chance 0.3 of a random admissible action) visits in
+    two rounds over the envs, the next observation's tokens (N, L; zeros after a trajectory's last step), and
+    whether there is a next one (N,). No action or label is kept."""
+    def noisy_expert(env, mask):
+        return int(rng.choice(np.flatnonzero(mask))) if rng.random() < 0.3 else env.unwrapped.optimal_action()
+    xs, nxt, has = [], [], []
+    driver = g.Policy(len(tok.words), tok.seq_len, tok.action_tokens, cfg.d_model, cfg.n_layers, cfg.n_heads,
+                      with_classifier=False).to(device)  # rollout() runs a policy; noisy_expert picks the actions
+    for _ in range(2):
+        n = len(envs_)
+        b = g.rollout(driver, envs_, tok, tasks=rng.integers(2**31 - 1, size=n),
+                      seeds=rng.integers(2**31 - 1, size=n), gen=gen, device=device, pick=noisy_expert)
+        for j in range(n):
+            idx = np.flatnonzero(b["traj"] == j)  # this trajectory's steps, in order
+            xs.append(b["tokens"][idx])
+            nxt.append(np.concatenate([b["tokens"][idx[1:]], np.zeros_like(b["tokens"][idx[:1]])]))
+            has.append(np.arange(len(idx)) < len(idx) - 1)
+    return tuple(torch.as_tensor(np.concatenate(v), device=device) for v in (xs, nxt, has))
+
+
+def pretrain_trunk(policy: g.Policy, cfg: g.Config, tok, envs_, device, objective: str = "mlm",
+                   steps: int | None = None) -> list[float]:
+    """Pretrain the trunk without task labels, with a head of its own that is dropped after: 'mlm' hides 15%
+    of an observation's words (as padding) and predicts them from the trunk's output at their positions;
+    'next' predicts the next observation's bag of words from h(s). Its own random streams, seeded by
+    cfg.seed: the cold start after it draws exactly what it would without it. Returns the losses."""
+    rng = np.random.default_rng(10_000 + cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(10_000 + cfg.seed)
+    x, x_next, has_next = visited_observations(cfg, tok, envs_, rng, gen, device)
+    vocab = policy.tok_emb.num_embeddings
+    head = nn.Linear(cfg.d_model, vocab).to(device)
+    opt = torch.optim.Adam(list(policy.parameters()) + list(head.parameters()), lr=PRETRAIN_LR)
+    rows = torch.arange(len(x), device=device) if objective == "mlm" else torch.nonzero(has_next).squeeze(1)
+    losses = []
+    for _ in range(steps or PRETRAIN_STEPS):
+        idx = rows[torch.randint(len(rows), (cfg.minibatch_size,), generator=gen, device=device)]
+        tokens = x[idx]
+        if objective == "mlm":
+            hide = (tokens > 1) & (torch.rand(tokens.shape, generator=gen, device=device) < MASK_SHARE)
+            out = policy.trunk(tokens.masked_fill(hide, 0))  # a hidden word reads as padding
+            loss = F.cross_entropy(head(out[hide]), tokens[hide]) if hide.any() else out.sum() * 0
+        else:
+            target = torch.zeros(len(idx), vocab, device=device).scatter_(1, x_next[idx], 1.0)
+            target[:, :2] = 0  # <pad> and <s> are in every observation
+            loss = F.binary_cross_entropy_with_logits(head(policy.state_embedding(tokens)), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
 
 def build(cfg: ArmConfig):
     """grpo_cls.build, with ArmPolicy (the separate classifier when the config asks for it)."""
@@ -531,11 +699,16 @@ def train(cfg: ArmConfig, checkpoint: dict | None = None) -> dict:
     cls_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the classifier's own sample stream
     label_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # the placebo's permutations
     run = ArmRunState(cfg, policy, opt, ref=None, gen=gen, rng=rng, cls_gen=cls_gen, label_gen=label_gen)
+    pairs = repel_pairs(cfg, tok, train_envs[0], device) if cfg.cls_channel == "repel" else None
     with g.ctrl_c_stops_the_run() as stop, ArmRunLog(run, checkpoint) as log:
         if checkpoint is None:
+            if cfg.pretrain != "none":
+                pretrain_trunk(policy, cfg, tok, train_envs, device, cfg.pretrain)
             g.cold_start(policy, cfg, train_envs, tok, rng, gen, device)
         run.ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None  # pi_ref
         log.begin(checkpoint, first_row=lambda: evaluation(policy, 0))  # resume, or log iteration 0
+        keys = (placement_keys(cfg, policy, tok, train_envs[0], device, run.metrics[-1]["iter"] == 0)
+                if cfg.cls_placement != "all" else None)
         for it in log.iterations(stop):
             # 1. rollout, with what the agent saw before and after each step where the loop labels need it
             with log.timer("rollout"):
@@ -548,12 +721,14 @@ def train(cfg: ArmConfig, checkpoint: dict | None = None) -> dict:
             A_traj = g.group_advantages(R, cfg.scale_rewards).view(-1)                            # (K*G,)
             A = step_advantages(cfg, batch, A_traj, device)                                       # (S,)
             labels = classifier_labels(cfg, batch, A, device) if cfg.cls_weight > 0 else None   # (y, labelled)
+            if keys is not None:  # label placement: only at twins of the chosen half, at most PLACEMENT_CAP
+                labels = placed_labels(labels, batch, keys, run.label_gen, device)
             # 3. update, at a learning rate annealed linearly to 0 over the run
             for group in run.opt.param_groups:
                 group["lr"] = cfg.lr * (1 - (it - 1) / cfg.iters if cfg.anneal_lr else 1)
             with log.timer("update"):
                 stats = grpo_update(policy, run.ref, run.opt, cfg, batch, A, labels, gen, device, run.cls_gen,
-                                    run.label_gen)
+                                    run.label_gen, pairs)
             g.check_finite(stats, it, cfg)
             # 4. evaluation every eval_every iterations; between them, the twin probes and pairs every diag_every
             if it % cfg.eval_every == 0 or it == cfg.iters:

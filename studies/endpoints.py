@@ -35,6 +35,7 @@ def run_numbers(rows: list[dict], first: int = ENDPOINT_FROM) -> dict:
         return float(np.mean(v)) if v else None
     return {"endpoint": endpoint(rows, first), "flawed": last(rows, "flawed_rate"),
             "success": last(rows, "success_rate"), "ood_success": last(rows, "ood_success_rate"),
+            "ood_flawed": last(rows, "ood_flawed_rate"),
             "cos_v_w": last(rows, "cos_v_w"),
             "pg_grad_norm": mean("pg_grad_norm"), "cls_grad_norm": mean("cls_grad_norm"),
             "cls_pg_grad_ratio": mean("cls_pg_grad_ratio"), "cls_oracle_acc": mean("cls_oracle_acc")}

@@ -28,58 +28,13 @@ import os
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import grpo_cls as g
+from studies import arms
 from studies.store import seed_list, write_report
 
-OBJECTIVES = ("mlm", "next")
-PRETRAIN_STEPS, PRETRAIN_LR, MASK_SHARE = 300, 2e-3, 0.15
+OBJECTIVES = ("mlm", "next")  # studies.arms.pretrain_trunk
 COLD_STARTS = ((150, 0.3), (100, 0.3), (75, 0.3), (50, 0.3), (150, 0.45), (100, 0.45), (150, 0.6))  # (steps, noise); first: today
-
-
-def observations(cfg: g.Config, tok, envs_, rng, gen, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokens (N, L) of the states a noisy scripted agent visits (two rounds over the envs), the next
-    observation's tokens (N, L), and whether there is a next one (N,)."""
-    def noisy_expert(env, mask):
-        return int(rng.choice(np.flatnonzero(mask))) if rng.random() < 0.3 else env.unwrapped.optimal_action()
-    xs, nxt, has = [], [], []
-    policy = g.Policy(len(tok.words), tok.seq_len, tok.action_tokens, cfg.d_model, cfg.n_layers, cfg.n_heads,
-                      with_classifier=False).to(device)  # only to drive rollout(); pick() chooses the actions
-    for _ in range(2):
-        n = len(envs_)
-        b = g.rollout(policy, envs_, tok, tasks=rng.integers(2**31 - 1, size=n), seeds=rng.integers(2**31 - 1, size=n),
-                      gen=gen, device=device, pick=noisy_expert)
-        for j in range(n):
-            idx = np.flatnonzero(b["traj"] == j)  # this trajectory's steps, in order
-            xs.append(b["tokens"][idx])
-            nxt.append(np.concatenate([b["tokens"][idx[1:]], np.zeros_like(b["tokens"][idx[:1]])]))
-            has.append(np.arange(len(idx)) < len(idx) - 1)
-    return tuple(torch.as_tensor(np.concatenate(v), device=device) for v in (xs, nxt, has))
-
-
-def pretrain(policy: g.Policy, objective: str, x, x_next, has_next, gen):
-    """PRETRAIN_STEPS Adam steps of the label-free objective on the trunk (a head of its own, dropped after)."""
-    vocab, d = policy.tok_emb.num_embeddings, policy.ln_f.normalized_shape[0]
-    head = nn.Linear(d, vocab).to(x.device)
-    opt = torch.optim.Adam(list(policy.parameters()) + list(head.parameters()), lr=PRETRAIN_LR)
-    rows = torch.arange(len(x), device=x.device) if objective == "mlm" else torch.nonzero(has_next).squeeze(1)
-    for _ in range(PRETRAIN_STEPS):
-        idx = rows[torch.randint(len(rows), (64,), generator=gen, device=x.device)]
-        tokens = x[idx]
-        if objective == "mlm":
-            words = tokens > 1  # not <pad>, not <s>
-            hide = words & (torch.rand(tokens.shape, generator=gen, device=x.device) < MASK_SHARE)
-            out = policy.trunk(tokens.masked_fill(hide, 0))  # a hidden word reads as padding
-            loss = F.cross_entropy(head(out[hide]), tokens[hide]) if hide.any() else out.sum() * 0
-        else:
-            target = torch.zeros(len(idx), vocab, device=x.device).scatter_(1, x_next[idx], 1.0)
-            target[:, :2] = 0  # <pad> and <s> are in every observation
-            loss = F.binary_cross_entropy_with_logits(head(policy.state_embedding(tokens)), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
 
 def twin_cosines(policy, tok, pairs, device) -> dict:
@@ -116,9 +71,7 @@ def measure_seed(seed: int, env: str) -> dict:
     out["placement"] = placement_share(cfg, policy, tok, envs_, rng, gen, device)
     for objective in OBJECTIVES:
         device, tok, policy, gen, rng, envs_ = fresh(cfg)
-        data_rng = np.random.default_rng(10_000 + seed)  # the pretraining data: its own stream
-        x, x_next, has_next = observations(cfg, tok, envs_, data_rng, gen, device)
-        pretrain(policy, objective, x, x_next, has_next, gen)
+        arms.pretrain_trunk(policy, cfg, tok, envs_, device, objective)  # its own random streams
         out[objective] = twin_cosines(policy, tok, pairs, device)
         g.cold_start(policy, cfg, envs_, tok, rng, gen, device)
         out[f"{objective} + cold start"] = twin_cosines(policy, tok, pairs, device)

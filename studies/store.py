@@ -25,6 +25,8 @@ TASKS = {  # name -> the Config fields of the task
     "text": {"env": "text"},
     "grid": {"env": "grid"},
     "text-nomask": {"env": "text", "action_mask": "none"},  # Kitchen as an LLM agent plays it: all 33 commands
+    "text-mlm": {"env": "text", "pretrain": "mlm"},  # twins start nearly identical (studies/regime.py)
+    "text-weak": {"env": "text", "sft_steps": 100},  # a weak cold start: flawed actions start likely
     "empty": {"env": "MiniGrid-Empty-5x5-v0"},  # the MiniGrid rooms (worlds.minigrid.OracleMiniGrid; pip install minigrid)
     "lavagap": {"env": "MiniGrid-LavaGapS5-v0"},
     "doorkey": {"env": "MiniGrid-DoorKey-5x5-v0"},
@@ -39,6 +41,9 @@ ARMS = {  # name -> the Config fields that differ from plain GRPO
     "shape-oracle": {"shaping": "oracle"},  # the same labels as cls-oracle, carried by the reward
     "shape-loop": {"shaping": "loop"},
     "shape-oracle-lambda0.2": {"shaping": "oracle", "shaping_lambda": 0.2},
+    "repel": {"cls_weight": 0.5, "cls_channel": "repel"},  # the representation alone: no labels
+    "place-high": {"cls_weight": 0.5, "cls_labels": "oracle", "cls_placement": "high"},  # label placement
+    "place-low": {"cls_weight": 0.5, "cls_labels": "oracle", "cls_placement": "low"},
 }
 ITERS = 60  # the stored-run matrices' runs (results/PROTOCOL.md)
 PAIRS = 128
@@ -67,6 +72,8 @@ def cold_start_checkpoint(cfg) -> None:
                      cls_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1))
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.time()
+    if cfg.pretrain != "none":
+        arms.pretrain_trunk(policy, cfg, tok, train_envs, device, cfg.pretrain)
     g.cold_start(policy, cfg, train_envs, tok, rng, gen, device)
     row = {"iter": 0, "env_steps": 0} | {k: None for k in arms.ROW_KEYS} | evaluation(policy, 0)
     run.metrics.append(row | {"wall_s": round(time.time() - t0, 3)})

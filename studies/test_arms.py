@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import grpo_cls as g
 from studies import arms, store
@@ -98,6 +99,22 @@ def test_the_lab_flag_table_matches_the_arms_config():
             assert row in table, row
 
 
+def test_pretraining_moves_the_trunk_lowers_its_own_loss_and_leaves_the_runs_random_streams_alone():
+    """--pretrain mlm changes only the weights the cold start starts from: the run's generators are where they
+    were, so the cold start after it draws exactly what it would draw without it."""
+    cfg = arms.ArmConfig(env="text", seed=1, out="unused", threads=1, tasks_per_iter=2, num_generations=4,
+                         pretrain="mlm")
+    device, tok, policy, gen, rng = arms.build(cfg)
+    envs_ = g.make_envs(cfg, 8)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    gen_state, rng_state = gen.get_state(), rng.bit_generator.state
+    losses = arms.pretrain_trunk(policy, cfg, tok, envs_, device, "mlm", steps=60)
+    assert np.mean(losses[-15:]) < np.mean(losses[:15])
+    assert not torch.equal(before["tok_emb.weight"], policy.state_dict()["tok_emb.weight"])
+    assert torch.equal(before["policy_head.weight"], policy.state_dict()["policy_head.weight"])  # no head of ours
+    assert torch.equal(gen.get_state(), gen_state) and rng.bit_generator.state == rng_state
+
+
 def test_the_lab_fields_grpo_cls_refuses_are_every_arm_at_its_default():
     """grpo_cls.py refuses a stored run with an arm on: its list must name every field the lab adds, at the
     value ArmConfig gives it, but for the arms' own parameters (which do nothing while their arm is off)."""
@@ -134,6 +151,31 @@ def test_grpo_cls_refuses_to_resume_a_lab_run_with_an_arm_on(tmp_path, capsys, a
     with pytest.raises(SystemExit) as stop:
         g.main(["--resume", out, "--iters", "1"])
     assert stop.value.code == 2 and "python -m studies.arms --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arm", [["--cls-placement", "low"], ["--cls-channel", "repel"], ["--pretrain", "mlm"]])
+def test_the_mechanism_arms_train_end_to_end_and_resume(tmp_path, monkeypatch, arm):
+    """Each arm of the mechanism matrix, on a tiny Kitchen run stopped after one iteration and resumed: the
+    resumed run equals the straight one (placement reads its stored split, repel rebuilds its pairs)."""
+    for name, value in (("PLACEMENT_PAIRS", 16), ("REPEL_PAIRS", 16), ("PRETRAIN_STEPS", 5)):
+        monkeypatch.setattr(arms, name, value)
+    args = ["--tasks-per-iter", "4", "--num-generations", "4", "--eval-tasks", "4", "--sft-steps", "20",
+            "--d-model", "32", "--threads", "1", "--twin-pairs", "4", "--quiet", "--no-plots", "--baseline", "none",
+            "--anneal-lr", "0", "--eval-every", "2", "--cls-weight", "0.5", *arm]
+    arms.main(args + ["--iters", "4", "--out", str(tmp_path / "straight")])
+    arms.main(args + ["--iters", "2", "--out", str(tmp_path / "split")])
+    arms.main(["--resume", str(tmp_path / "split"), "--iters", "4", "--quiet"])
+    rows = [rows_without_clocks(tmp_path / name) for name in ("straight", "split")]
+    assert rows[0] == rows[1] and len(rows[0]) == 5
+    if "--cls-placement" in arm:  # at most the cap of the batch's steps labelled
+        steps = np.diff([r["env_steps"] for r in rows[0]])
+        assert all(r["cls_labelled_frac"] * n <= arms.PLACEMENT_CAP + 1e-9 for r, n in zip(rows[0][1:], steps))
+        assert (tmp_path / "split" / "placement.json").exists()
+
+
+def rows_without_clocks(run_dir):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if not k.startswith(("time_", "wall", "rss", "peak"))} for r in rows]
 
 
 def test_step_labels_compare_each_action_with_its_anchor_states_mean_return():
@@ -266,6 +308,87 @@ def test_fair_update_a_classifier_weighted_zero_trains_the_policy_bit_for_bit_as
     assert all(r["cls_labelled_frac"] > 0 for r in arm_rows[1:])  # the classifier was labelled, and in the loss
     assert all(r["adam_pg_step_scale"] == pytest.approx(1.0, abs=1e-6) for r in arm_rows[1:])  # Adam's v: pg's alone
     assert max(r["opt_steps"] for r in arm_rows[1:]) >= 2  # several minibatches: their order is checked too
+
+
+def test_fair_update_the_repel_arm_weighted_zero_trains_the_policy_bit_for_bit_as_plain_grpo(tmp_path, monkeypatch,
+                                                                                           fair_plain):
+    """--cls-channel repel's term, multiplied by 0: the twin pairs are shared out over the optimizer steps and
+    forwarded, yet the policy and every policy metric equal plain GRPO's exactly."""
+    init, plain_params, plain_rows = fair_plain
+    real = arms.twin_repulsion
+    monkeypatch.setattr(arms, "twin_repulsion", lambda *args: 0.0 * real(*args))
+    arm_params, arm_rows = train_from(init, tiny(out=str(tmp_path / "arm"), cls_weight=0.5, cls_channel="repel",
+                                                 **FAIR))
+    for name, value in plain_params.items():
+        assert torch.equal(arm_params[name], value), name
+    for p_row, a_row in zip(plain_rows, arm_rows, strict=True):
+        assert {k: p_row[k] for k in POLICY_METRICS} == {k: a_row[k] for k in POLICY_METRICS}
+    assert all(r["cls_loss"] == 0 and r["cls_acc"] is None and r["cls_labelled_frac"] is None
+               for r in arm_rows[1:] if r["opt_steps"])
+
+
+def test_the_repel_term_is_the_mean_twin_cosine_over_its_share_and_its_step_lowers_it():
+    """repel_stream on a share of 40 training pairs in pieces of 16 (the last padded): its term equals the
+    mean cosine of phi(s_good, a), phi(s_flawed, a) computed in one pass, and a small step against its
+    gradient lowers that cosine."""
+    cfg = tiny(out="unused", env="text", cls_weight=1.0, cls_channel="repel", minibatch_size=32, sft_steps=150,
+               d_model=64)  # a smaller or shorter cold start leaves the twins at cosine 1, where the term is flat
+    device, tok, policy, gen, rng = arms.build(cfg)
+    envs_ = g.make_envs(cfg, 16)
+    g.cold_start(policy, cfg, envs_, tok, rng, gen, device)  # at initialisation every twin cosine is 1
+    pairs = arms.repel_pairs(cfg, tok, envs_[0], device)
+    jdx = torch.arange(40)
+
+    def mean_cos():
+        phi = policy(pairs["x"][jdx].flatten(0, 1), pairs["m"][jdx].flatten(0, 1))[1]
+        phi = phi.view(40, 2, *phi.shape[1:])
+        rows = torch.arange(40)
+        return F.cosine_similarity(phi[rows, 0, pairs["a"][jdx]], phi[rows, 1, pairs["a"][jdx]], dim=-1).mean()
+    params = list(policy.parameters())
+    c, term, grads = arms.repel_stream(policy, cfg, pairs, jdx, params)
+    before = mean_cos()
+    assert c is None and term.item() == pytest.approx(before.item(), abs=1e-6)
+    with torch.no_grad():
+        for p, grad in zip(params, grads):
+            if grad is not None:
+                p -= 0.05 * grad
+    assert mean_cos() < before
+
+
+def test_placed_labels_keep_only_labelled_steps_at_the_chosen_twins_and_at_most_the_cap():
+    tokens = np.array([[1, 2, i % 5] for i in range(100)])  # five distinct observations, 20 steps each
+    batch = {"tokens": tokens}
+    keys = {tokens[0].tobytes(), tokens[1].tobytes()}  # observations 0 and 1: 40 steps
+    y, labelled = torch.rand(100), torch.arange(100) % 4 != 3  # every fourth step unlabelled
+    gen = torch.Generator().manual_seed(0)
+    y2, placed = arms.placed_labels((y, labelled), batch, keys, gen, "cpu")
+    eligible = [i for i in range(100) if i % 5 in (0, 1) and i % 4 != 3]
+    assert y2 is y and placed.sum() == min(arms.PLACEMENT_CAP, len(eligible)) == 30
+    assert set(torch.nonzero(placed).squeeze(1).tolist()) <= set(eligible)
+    few = {tokens[0].tobytes()}  # 20 steps, 15 labelled: fewer than the cap, all kept
+    assert arms.placed_labels((y, labelled), batch, few, gen, "cpu")[1].sum() == 15
+
+
+def test_the_placement_split_is_made_at_the_cold_start_stored_and_read_back_on_resume(tmp_path, monkeypatch):
+    """placement_keys computes the split from the cold-start policy and writes placement.json; a resumed run
+    reads it (even with another policy); a run that left its cold start without one is refused."""
+    monkeypatch.setattr(arms, "PLACEMENT_PAIRS", 12)
+    cfg = tiny(out=str(tmp_path), cls_weight=0.5, cls_placement="high", sft_steps=20)
+    device, tok, policy, gen, rng = arms.build(cfg)
+    env = g.make_envs(cfg, 1)[0]
+    split = arms.placement_split(cfg, policy, tok, env, device)
+    pairs = env.unwrapped.twin_pairs(12, seed=10_000 + cfg.seed)
+    every = {tok.encode(p[k]).tobytes().hex() for p in pairs for k in ("obs_good", "obs_flawed")}
+    assert set(split["high"]) | set(split["low"]) == every and split["high"]
+    keys = arms.placement_keys(cfg, policy, tok, env, device, at_cold_start=True)
+    assert keys == {bytes.fromhex(k) for k in split["high"]} and (tmp_path / "placement.json").exists()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.1)  # the policy moves on; the stored split stays
+    assert arms.placement_keys(cfg, policy, tok, env, device, at_cold_start=False) == keys
+    (tmp_path / "placement.json").unlink()
+    with pytest.raises(g.TrainingError, match="start the run anew"):
+        arms.placement_keys(cfg, policy, tok, env, device, at_cold_start=False)
 
 
 def random_grid_batch(cfg):

@@ -16,8 +16,8 @@ import torch
 
 import envs
 import grpo_cls as g
-from studies import (arms, bench, channels, claims, compare, demo, endpoints, explain, regime, repaired, replicate,
-                     stats, store, toys, twins)
+from studies import (arms, bench, channels, claims, compare, demo, endpoints, explain, repaired, replicate, stats,
+                     store, toys, twins)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: results/, docs/
 needs_minigrid = pytest.mark.skipif(importlib.util.find_spec("minigrid") is None, reason="pip install minigrid")
@@ -78,13 +78,13 @@ def test_the_stored_demo_pairs_regenerate_the_committed_demo_report_exactly(tmp_
     assert (tmp_path / "demo.md").read_text() == open(os.path.join(ROOT, "results", "demo.md")).read()
 
 
-def test_the_regime_data_pairs_each_observation_with_the_next_one_of_its_own_trajectory():
-    """studies.regime's 'next' objective predicts the next observation's words: the pairing must stay within
+def test_the_pretraining_data_pairs_each_observation_with_the_next_one_of_its_own_trajectory():
+    """arms.pretrain_trunk's 'next' objective predicts the next observation's words: the pairing must stay within
     a trajectory, and a trajectory's last step has no next one."""
     cfg = g.Config(env="text", seed=1, out="unused", threads=1, tasks_per_iter=2, num_generations=2)
     device, tok, policy, gen, rng = g.build(cfg)
     envs_ = g.make_envs(cfg, 4)
-    x, x_next, has = regime.observations(cfg, tok, envs_, np.random.default_rng(0), gen, device)
+    x, x_next, has = arms.visited_observations(cfg, tok, envs_, np.random.default_rng(0), gen, device)
     assert len(x) == len(x_next) == len(has) and 0 < has.sum() < len(has)
     later = torch.nonzero(has).squeeze(1)
     assert torch.equal(x_next[later], x[later + 1])  # within a trajectory the rows are consecutive steps

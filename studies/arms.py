@@ -41,17 +41,19 @@ from grpo_cls import arg
 CLS_LABELS = g.CLS_LABELS + ("step", "loop", "loop-repaired")
 CLS_DESIGNS = ("shared", "separate")
 CLS_CHANNELS = ("head", "placebo", "policy", "repel")
-REPEL_PAIRS = 256  # --cls-channel repel's training twin pairs, sampled with seed 10_000 + seed: never the measured
+REPEL_PAIRS = 256  # --cls-channel repel's training twin pairs (training_pairs: none shares a measured observation)
 ADVANTAGES = ("grpo", "gigpo")
 SHAPING = ("none", "oracle", "loop")
 PRETRAIN = ("none", "mlm")
 PLACEMENTS = ("all", "high", "low")
 PLACEMENT_PAIRS, PLACEMENT_CAP = 1024, 32  # training twin pairs (seed 10_000 + seed); labels kept per batch
 COLD_START_FIELDS = ("env", "env_kwargs", "seed", "action_mask", "sft_steps", "sft_noise", "sft_lr", "d_model",
-                     "n_layers", "n_heads", "tasks_per_iter", "num_generations", "pretrain")  # what fixes pi_0
+                     "n_layers", "n_heads", "tasks_per_iter", "num_generations", "minibatch_size", "pretrain",
+                     "twin_pairs")  # what fixes pi_0, and the measured pairs the training pairs avoid
 PRETRAIN_STEPS, PRETRAIN_LR, MASK_SHARE = 300, 2e-3, 0.15  # studies/regime.py measured these on seeds 1-3
 ROW_KEYS = g.ROW_KEYS + ("label_agree", "label_precision", "label_recall", "cls_grad_norm", "cls_grad_clipped_frac",
-                         "cls_pg_grad_ratio", "joint_clip_pg_scale", "adam_pg_step_scale")
+                         "cls_pg_grad_ratio", "joint_clip_pg_scale", "adam_pg_step_scale", "placed_labels",
+                         "placement_eligible", "placement_eligible_other")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,28 +276,46 @@ def classifier_labels(cfg: ArmConfig, batch, A, device) -> tuple:
     return torch.as_tensor(y, device=device), torch.as_tensor(labelled, device=device)
 
 
-def placement_split(cfg: ArmConfig, policy, tok, env, device) -> dict:
-    """Label placement's two halves: PLACEMENT_PAIRS training twin pairs (seed 10_000 + seed, never the
-    measured ones) split at the median of their overlap (the cosine of the twins' gradients of log pi) under
-    `policy`, which must be the cold start. Returns the observations (hex of their tokens) of each half, the
-    median, and the cold start's fields (what makes a stored split fit a run)."""
+def training_pairs(cfg: ArmConfig, tok, env, n: int, flag: str) -> list[dict]:
+    """Twin pairs to train on (repel, label placement): n sampled with seed 10_000 + seed, then the repeats
+    dropped and every pair that shares an observation with a measured pair (twin_pairs(cfg.twin_pairs,
+    seed)): Kitchen's state space is small, and another seed alone does not keep the two sets apart."""
     if not hasattr(env.unwrapped, "twin_pairs"):
-        raise g.TrainingError(f"--cls-placement needs twin pairs, which {cfg.env} does not sample")
-    pairs = env.unwrapped.twin_pairs(PLACEMENT_PAIRS, seed=10_000 + cfg.seed)
+        raise g.TrainingError(f"{flag} needs twin pairs, which {cfg.env} does not sample")
+    key = lambda p, k: tok.encode(p[k]).tobytes()  # noqa: E731
+    measured = env.unwrapped.twin_pairs(cfg.twin_pairs, seed=cfg.seed) if cfg.twin_pairs else []
+    taken = {key(p, k) for p in measured for k in ("obs_good", "obs_flawed")}
+    kept, seen = [], set()
+    for p in env.unwrapped.twin_pairs(n, seed=10_000 + cfg.seed):
+        pair = (key(p, "obs_good"), key(p, "obs_flawed"), int(p["action"]))
+        if pair not in seen and not {pair[0], pair[1]} & taken:
+            kept.append(p)
+        seen.add(pair)
+    return kept
+
+
+def placement_split(cfg: ArmConfig, policy, tok, env, device) -> dict:
+    """Label placement's two halves: the training pairs (training_pairs of PLACEMENT_PAIRS) split at the
+    median of their overlap (the cosine of the twins' gradients of log pi) under `policy`, which must be the
+    cold start. An observation that is a twin in pairs on both sides belongs to neither half. Returns the
+    observations (hex of their tokens) of each half, the median, how many observations both halves had,
+    and the cold start's fields (what makes a stored split fit a run)."""
+    pairs = training_pairs(cfg, tok, env, PLACEMENT_PAIRS, "--cls-placement")
     use_mask = cfg.action_mask == "env"
     overlap = g.pair_diagnostics(policy, tok, pairs, device, use_mask, with_grads=True)["pair_grad_cos"]
     median = float(np.median(overlap))
 
     def half(keep):
-        return sorted({tok.encode(p[k]).tobytes().hex() for p, c in zip(pairs, overlap) if keep(c)
-                       for k in ("obs_good", "obs_flawed")})
-    return {"high": half(lambda c: c > median), "low": half(lambda c: c <= median), "median": median,
-            "cold_start": {k: getattr(cfg, k) for k in COLD_START_FIELDS}}
+        return {tok.encode(p[k]).tobytes().hex() for p, c in zip(pairs, overlap) if keep(c)
+                for k in ("obs_good", "obs_flawed")}
+    high, low = half(lambda c: c > median), half(lambda c: c <= median)
+    return {"high": sorted(high - low), "low": sorted(low - high), "median": median, "shared": len(high & low),
+            "pairs": len(pairs), "cold_start": {k: getattr(cfg, k) for k in COLD_START_FIELDS}}
 
 
-def placement_keys(cfg: ArmConfig, policy, tok, env, device, at_cold_start: bool) -> set[bytes]:
-    """The observations of --cls-placement's half, from placement.json in the run folder, or computed at the
-    cold start and written there (a resumed run reads the split its start made)."""
+def placement_keys(cfg: ArmConfig, policy, tok, env, device, at_cold_start: bool) -> tuple[set, set]:
+    """The observations of --cls-placement's half and of the other half, from placement.json in the run
+    folder, or computed at the cold start and written there (a resumed run reads the split its start made)."""
     path = os.path.join(cfg.out, "placement.json")
     split = json.load(open(path)) if os.path.exists(path) else None
     if split is None or split["cold_start"] != {k: getattr(cfg, k) for k in COLD_START_FIELDS}:
@@ -305,19 +325,25 @@ def placement_keys(cfg: ArmConfig, policy, tok, env, device, at_cold_start: bool
         split = placement_split(cfg, policy, tok, env, device)
         with open(path, "w") as f:
             json.dump(split, f)
-    return {bytes.fromhex(k) for k in split[cfg.cls_placement]}
+    other = "low" if cfg.cls_placement == "high" else "high"
+    return tuple({bytes.fromhex(k) for k in split[half]} for half in (cfg.cls_placement, other))
 
 
-def placed_labels(labels: tuple, batch, keys: set[bytes], gen, device) -> tuple:
-    """Label placement: of the labelled steps, keep those whose observation is in `keys`, at most
-    PLACEMENT_CAP, drawn with `gen` (the same count for both halves whenever both reach the cap)."""
+def placed_labels(labels: tuple, batch, keys: tuple[set, set], gen, device) -> tuple:
+    """Label placement: of the labelled steps, keep those whose observation is in this arm's half (keys[0]),
+    as many as the batch offers in the other half (keys[1]) and at most PLACEMENT_CAP, drawn with `gen`: the
+    two arms then never differ in count because one half is rarer in a batch. Returns (y, placed) and the
+    eligible counts of both halves."""
     y, labelled = labels
-    at_twin = torch.as_tensor(np.array([t.tobytes() in keys for t in batch["tokens"]], dtype=bool), device=device)
-    idx = torch.nonzero(labelled & at_twin).squeeze(1)
-    keep = idx[torch.randperm(len(idx), generator=gen, device=device)[:PLACEMENT_CAP]]
+    eligible = [labelled & torch.as_tensor(np.array([t.tobytes() in half for t in batch["tokens"]], dtype=bool),
+                                           device=device) for half in keys]
+    idx = torch.nonzero(eligible[0]).squeeze(1)
+    n = min(PLACEMENT_CAP, len(idx), int(eligible[1].sum()))
+    keep = idx[torch.randperm(len(idx), generator=gen, device=device)[:n]]
     placed = torch.zeros_like(labelled)
     placed[keep] = True
-    return y, placed
+    return (y, placed), {"placed_labels": n, "placement_eligible": len(idx),
+                         "placement_eligible_other": int(eligible[1].sum())}
 
 
 def shaping_steps(batch, G: int) -> np.ndarray:
@@ -432,11 +458,10 @@ def classifier_stream(policy, cfg: ArmConfig, x, m, a, logp_old, y, labelled, jd
 
 
 def repel_pairs(cfg: ArmConfig, tok, env, device) -> dict:
-    """--cls-channel repel's REPEL_PAIRS training twin pairs, fixed by the seed (a resumed run rebuilds the same):
-    x (P, 2, L) the good and the flawed twin's tokens, m (P, 2, n_act) their masks, a (P,) the action."""
-    if not hasattr(env.unwrapped, "twin_pairs"):
-        raise g.TrainingError(f"--cls-channel repel needs twin pairs, which {cfg.env} does not sample")
-    pairs = env.unwrapped.twin_pairs(REPEL_PAIRS, seed=10_000 + cfg.seed)
+    """--cls-channel repel's training twin pairs (training_pairs of REPEL_PAIRS), fixed by the seed (a resumed
+    run rebuilds the same): x (P, 2, L) the good and the flawed twin's tokens, m (P, 2, n_act) their masks,
+    a (P,) the action."""
+    pairs = training_pairs(cfg, tok, env, REPEL_PAIRS, "--cls-channel repel")
     x = np.stack([[tok.encode(p[k]) for k in ("obs_good", "obs_flawed")] for p in pairs])
     m = np.stack([[p[k] for k in ("mask_good", "mask_flawed")] for p in pairs]).astype(bool)
     m = m if cfg.action_mask == "env" else np.ones_like(m)
@@ -452,10 +477,14 @@ def twin_repulsion(phi_good, phi_flawed, real):
 
 def repel_stream(policy, cfg: ArmConfig, pairs: dict, jdx, params: list) -> tuple:
     """--cls-channel repel: the side stream's term on its share jdx (b',) of the training twin pairs, with no
-    label: the mean cosine of phi(s_good, a) and phi(s_flawed, a), which the step lowers. In pieces of
+    label: the mean cosine of phi(s_good, a) and phi(s_flawed, a) with their components along the policy
+    head w taken out, which the step lowers. Without w's direction the term cannot move the action's logit
+    w . phi at either twin directly (nor train w): it separates the twins, not good from bad. In pieces of
     minibatch_size / 2 pairs (one minibatch's observations), padded as classifier_stream's. Returns None (no
     verdicts), the term (the mean over jdx) and the gradient of cls_weight times it."""
     size = max(1, cfg.minibatch_size // 2)
+    w = F.normalize(policy.policy_head.weight.detach()[0], dim=0)                                   # (d,)
+    off_w = lambda v: v - (v @ w)[:, None] * w  # noqa: E731  (b, d): the part of phi the logit does not read
     loss, grads = torch.zeros((), device=jdx.device), [None] * len(params)
     for part in jdx.split(size):
         n = len(part)
@@ -464,7 +493,7 @@ def repel_stream(policy, cfg: ArmConfig, pairs: dict, jdx, params: list) -> tupl
         phi = policy(pairs["x"][part].flatten(0, 1), pairs["m"][part].flatten(0, 1))[1]  # (2 size, n_act, d)
         phi = phi.view(size, 2, *phi.shape[1:])
         rows, a = torch.arange(size, device=jdx.device), pairs["a"][part]
-        part_loss = twin_repulsion(phi[rows, 0, a], phi[rows, 1, a], real) * (n / len(jdx))
+        part_loss = twin_repulsion(off_w(phi[rows, 0, a]), off_w(phi[rows, 1, a]), real) * (n / len(jdx))
         grads = g.add_grads(grads, torch.autograd.grad(cfg.cls_weight * part_loss, params, allow_unused=True))
         loss = loss + part_loss.detach()
     return None, loss, grads
@@ -631,9 +660,11 @@ def pretrain_trunk(policy: g.Policy, cfg: g.Config, tok, envs_, device, objectiv
     cfg.seed: the cold start after it draws exactly what it would without it. Returns the losses."""
     rng = np.random.default_rng(10_000 + cfg.seed)
     gen = torch.Generator(device=device).manual_seed(10_000 + cfg.seed)
-    x, x_next, has_next = visited_observations(cfg, tok, envs_, rng, gen, device)
     vocab = policy.tok_emb.num_embeddings
-    head = nn.Linear(cfg.d_model, vocab).to(device)
+    with torch.random.fork_rng(devices=[]):  # the rollout driver's and the head's initial weights: not drawn
+        torch.manual_seed(10_000 + cfg.seed)  # from the global stream, which a classifier head moves
+        x, x_next, has_next = visited_observations(cfg, tok, envs_, rng, gen, device)
+        head = nn.Linear(cfg.d_model, vocab).to(device)
     opt = torch.optim.Adam(list(policy.parameters()) + list(head.parameters()), lr=PRETRAIN_LR)
     rows = torch.arange(len(x), device=device) if objective == "mlm" else torch.nonzero(has_next).squeeze(1)
     losses = []
@@ -721,8 +752,9 @@ def train(cfg: ArmConfig, checkpoint: dict | None = None) -> dict:
             A_traj = g.group_advantages(R, cfg.scale_rewards).view(-1)                            # (K*G,)
             A = step_advantages(cfg, batch, A_traj, device)                                       # (S,)
             labels = classifier_labels(cfg, batch, A, device) if cfg.cls_weight > 0 else None   # (y, labelled)
+            placement = {}
             if keys is not None:  # label placement: only at twins of the chosen half, at most PLACEMENT_CAP
-                labels = placed_labels(labels, batch, keys, run.label_gen, device)
+                labels, placement = placed_labels(labels, batch, keys, run.label_gen, device)
             # 3. update, at a learning rate annealed linearly to 0 over the run
             for group in run.opt.param_groups:
                 group["lr"] = cfg.lr * (1 - (it - 1) / cfg.iters if cfg.anneal_lr else 1)
@@ -730,6 +762,7 @@ def train(cfg: ArmConfig, checkpoint: dict | None = None) -> dict:
                 stats = grpo_update(policy, run.ref, run.opt, cfg, batch, A, labels, gen, device, run.cls_gen,
                                     run.label_gen, pairs)
             g.check_finite(stats, it, cfg)
+            stats |= placement
             # 4. evaluation every eval_every iterations; between them, the twin probes and pairs every diag_every
             if it % cfg.eval_every == 0 or it == cfg.iters:
                 stats |= evaluation(policy, it)

@@ -234,6 +234,10 @@ def is_stored(dest: str) -> bool:
     return os.path.isfile(os.path.join(dest, "config.json"))  # a stored folder is complete or absent
 
 
+RUN_NAMES = ("config.json", "summary.json", "metrics.jsonl.gz", "placement.json")  # a finished run
+OPTIONAL_NAMES = ("placement.json",)  # only --cls-placement's runs have it: their split of the training pairs
+
+
 def store(run: str, dest: str, names: tuple):
     """Copy `names` from a run folder into dest, .gz ones compressed, all or nothing: written into a
     temporary folder, renamed into place last."""
@@ -241,6 +245,8 @@ def store(run: str, dest: str, names: tuple):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for name in names:
+        if name in OPTIONAL_NAMES and not os.path.exists(os.path.join(run, name)):
+            continue
         if name.endswith(".gz"):
             with open(os.path.join(run, name[:-3]), "rb") as f, \
                     gzip.GzipFile(os.path.join(tmp, name), "wb", mtime=0) as out:  # the same bytes every time
@@ -251,7 +257,6 @@ def store(run: str, dest: str, names: tuple):
     os.replace(tmp, dest)
 
 
-RUN_NAMES = ("config.json", "summary.json", "metrics.jsonl.gz")  # a finished run
 INIT_NAMES = ("config.json", "checkpoint.pt")  # a cold start: the weights every arm of its seed starts from
 
 

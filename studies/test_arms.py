@@ -107,8 +107,9 @@ def test_pretraining_moves_the_trunk_lowers_its_own_loss_and_leaves_the_runs_ran
     device, tok, policy, gen, rng = arms.build(cfg)
     envs_ = g.make_envs(cfg, 8)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    gen_state, rng_state = gen.get_state(), rng.bit_generator.state
+    gen_state, rng_state, global_state = gen.get_state(), rng.bit_generator.state, torch.get_rng_state()
     losses = arms.pretrain_trunk(policy, cfg, tok, envs_, device, "mlm", steps=60)
+    assert torch.equal(torch.get_rng_state(), global_state)  # nor the global stream a classifier head moves
     assert np.mean(losses[-15:]) < np.mean(losses[:15])
     assert not torch.equal(before["tok_emb.weight"], policy.state_dict()["tok_emb.weight"])
     assert torch.equal(before["policy_head.weight"], policy.state_dict()["policy_head.weight"])  # no head of ours
@@ -157,9 +158,9 @@ def test_grpo_cls_refuses_to_resume_a_lab_run_with_an_arm_on(tmp_path, capsys, a
 def test_the_mechanism_arms_train_end_to_end_and_resume(tmp_path, monkeypatch, arm):
     """Each arm of the mechanism matrix, on a tiny Kitchen run stopped after one iteration and resumed: the
     resumed run equals the straight one (placement reads its stored split, repel rebuilds its pairs)."""
-    for name, value in (("PLACEMENT_PAIRS", 16), ("REPEL_PAIRS", 16), ("PRETRAIN_STEPS", 5)):
+    for name, value in (("REPEL_PAIRS", 16), ("PRETRAIN_STEPS", 5)):
         monkeypatch.setattr(arms, name, value)
-    args = ["--tasks-per-iter", "4", "--num-generations", "4", "--eval-tasks", "4", "--sft-steps", "20",
+    args = ["--tasks-per-iter", "8", "--num-generations", "4", "--eval-tasks", "4", "--sft-steps", "20",
             "--d-model", "32", "--threads", "1", "--twin-pairs", "4", "--quiet", "--no-plots", "--baseline", "none",
             "--anneal-lr", "0", "--eval-every", "2", "--cls-weight", "0.5", *arm]
     arms.main(args + ["--iters", "4", "--out", str(tmp_path / "straight")])
@@ -167,9 +168,12 @@ def test_the_mechanism_arms_train_end_to_end_and_resume(tmp_path, monkeypatch, a
     arms.main(["--resume", str(tmp_path / "split"), "--iters", "4", "--quiet"])
     rows = [rows_without_clocks(tmp_path / name) for name in ("straight", "split")]
     assert rows[0] == rows[1] and len(rows[0]) == 5
-    if "--cls-placement" in arm:  # at most the cap of the batch's steps labelled
+    if "--cls-placement" in arm:  # labels placed, never more than the cap or than the other half offers
         steps = np.diff([r["env_steps"] for r in rows[0]])
-        assert all(r["cls_labelled_frac"] * n <= arms.PLACEMENT_CAP + 1e-9 for r, n in zip(rows[0][1:], steps))
+        for r, n in zip(rows[0][1:], steps):
+            assert r["placed_labels"] == round(r["cls_labelled_frac"] * n)
+            assert r["placed_labels"] == min(arms.PLACEMENT_CAP, r["placement_eligible"], r["placement_eligible_other"])
+        assert sum(r["placed_labels"] for r in rows[0][1:]) > 0
         assert (tmp_path / "split" / "placement.json").exists()
 
 
@@ -339,15 +343,18 @@ def test_the_repel_term_is_the_mean_twin_cosine_over_its_share_and_its_step_lowe
     pairs = arms.repel_pairs(cfg, tok, envs_[0], device)
     jdx = torch.arange(40)
 
-    def mean_cos():
+    def mean_cos():  # of the twins' pair embeddings without their components along the policy head w
         phi = policy(pairs["x"][jdx].flatten(0, 1), pairs["m"][jdx].flatten(0, 1))[1]
-        phi = phi.view(40, 2, *phi.shape[1:])
-        rows = torch.arange(40)
-        return F.cosine_similarity(phi[rows, 0, pairs["a"][jdx]], phi[rows, 1, pairs["a"][jdx]], dim=-1).mean()
+        phi = phi.view(40, 2, *phi.shape[1:])[torch.arange(40), :, pairs["a"][jdx]]               # (40, 2, d)
+        w = F.normalize(policy.policy_head.weight.detach()[0], dim=0)
+        phi = phi - (phi @ w)[..., None] * w
+        return F.cosine_similarity(phi[:, 0], phi[:, 1], dim=-1).mean()
     params = list(policy.parameters())
     c, term, grads = arms.repel_stream(policy, cfg, pairs, jdx, params)
     before = mean_cos()
     assert c is None and term.item() == pytest.approx(before.item(), abs=1e-6)
+    names = [n for n, _ in policy.named_parameters()]
+    assert grads[names.index("policy_head.weight")] is None  # the term never trains w
     with torch.no_grad():
         for p, grad in zip(params, grads):
             if grad is not None:
@@ -360,13 +367,27 @@ def test_placed_labels_keep_only_labelled_steps_at_the_chosen_twins_and_at_most_
     batch = {"tokens": tokens}
     keys = {tokens[0].tobytes(), tokens[1].tobytes()}  # observations 0 and 1: 40 steps
     y, labelled = torch.rand(100), torch.arange(100) % 4 != 3  # every fourth step unlabelled
+    other = {tokens[2].tobytes(), tokens[3].tobytes(), tokens[4].tobytes()}  # 45 labelled steps
     gen = torch.Generator().manual_seed(0)
-    y2, placed = arms.placed_labels((y, labelled), batch, keys, gen, "cpu")
+    (y2, placed), counts = arms.placed_labels((y, labelled), batch, (keys, other), gen, "cpu")
     eligible = [i for i in range(100) if i % 5 in (0, 1) and i % 4 != 3]
     assert y2 is y and placed.sum() == min(arms.PLACEMENT_CAP, len(eligible)) == 30
+    assert counts == {"placed_labels": 30, "placement_eligible": 30, "placement_eligible_other": 45}
     assert set(torch.nonzero(placed).squeeze(1).tolist()) <= set(eligible)
-    few = {tokens[0].tobytes()}  # 20 steps, 15 labelled: fewer than the cap, all kept
-    assert arms.placed_labels((y, labelled), batch, few, gen, "cpu")[1].sum() == 15
+    rarer = {tokens[2].tobytes()}  # the other half offers 15 in this batch: this arm keeps 15 of its 30
+    (_, placed), counts = arms.placed_labels((y, labelled), batch, (keys, rarer), gen, "cpu")
+    assert placed.sum() == counts["placed_labels"] == 15
+
+
+def test_training_pairs_have_no_repeat_and_share_no_observation_with_the_measured_pairs():
+    cfg = tiny(out="unused", twin_pairs=64)
+    device, tok, policy, gen, rng = arms.build(cfg)
+    env = g.make_envs(cfg, 1)[0]
+    pairs = arms.training_pairs(cfg, tok, env, 512, "test")
+    key = lambda p: (tok.encode(p["obs_good"]).tobytes(), tok.encode(p["obs_flawed"]).tobytes(), p["action"])  # noqa
+    measured = {k for p in env.unwrapped.twin_pairs(64, seed=cfg.seed) for k in key(p)[:2]}
+    assert 0 < len(pairs) < 512 and len({key(p) for p in pairs}) == len(pairs)
+    assert not {k for p in pairs for k in key(p)[:2]} & measured
 
 
 def test_the_placement_split_is_made_at_the_cold_start_stored_and_read_back_on_resume(tmp_path, monkeypatch):
@@ -377,11 +398,16 @@ def test_the_placement_split_is_made_at_the_cold_start_stored_and_read_back_on_r
     device, tok, policy, gen, rng = arms.build(cfg)
     env = g.make_envs(cfg, 1)[0]
     split = arms.placement_split(cfg, policy, tok, env, device)
-    pairs = env.unwrapped.twin_pairs(12, seed=10_000 + cfg.seed)
-    every = {tok.encode(p[k]).tobytes().hex() for p in pairs for k in ("obs_good", "obs_flawed")}
-    assert set(split["high"]) | set(split["low"]) == every and split["high"]
+    pairs = arms.training_pairs(cfg, tok, env, 12, "test")
+    cos = g.pair_diagnostics(policy, tok, pairs, device, with_grads=True)["pair_grad_cos"]
+    obs = lambda p: {tok.encode(p[k]).tobytes().hex() for k in ("obs_good", "obs_flawed")}  # noqa: E731
+    high = set().union(*(obs(p) for p, c in zip(pairs, cos) if c > split["median"]))
+    low = set().union(*(obs(p) for p, c in zip(pairs, cos) if c <= split["median"]))
+    assert split["high"] and split["low"] and not set(split["high"]) & set(split["low"])  # disjoint halves
+    assert set(split["high"]) == high - low and set(split["low"]) == low - high  # high: the larger overlaps
     keys = arms.placement_keys(cfg, policy, tok, env, device, at_cold_start=True)
-    assert keys == {bytes.fromhex(k) for k in split["high"]} and (tmp_path / "placement.json").exists()
+    assert keys == ({bytes.fromhex(k) for k in split["high"]}, {bytes.fromhex(k) for k in split["low"]})
+    assert (tmp_path / "placement.json").exists()
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.1)  # the policy moves on; the stored split stays

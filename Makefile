@@ -1,5 +1,6 @@
 # The two commands are `make run` and `make test`; `make demo` (make run's pair on the registered seeds),
-# `make bench`, `make claims`, `make optimizer`,
+# `make regime` and `make mechanism` (where twins start; the mechanism matrix), `make bench`, `make claims`,
+# `make optimizer`,
 # `make compare`, the `make matrix*` targets, `make coupling`, `make channels`, `make repaired`,
 # `make minigrid-solve`, `make minigrid`, `make headstart`, `make reference` and `make figures` make the
 # README's numbers.

@@ -34,9 +34,9 @@ from statistics import NormalDist
 import numpy as np
 
 from studies.endpoints import run_numbers
-from studies.stats import PROB_FLOOR, defined, mean_ci, partial_spearman, sign_flip_p, spearman
+from studies.stats import defined, mean_ci, partial_spearman, sign_flip_p, spearman
 from studies.store import PAIRS, STORE, is_stored, load_rows, seed_list
-from studies.twins import pair_measures, pairs_of, stat_cell
+from studies.twins import end_cosines, head_start, pair_measures, pairs_of, stat_cell
 
 MATRICES = {  # key -> (name, folder of its stored runs, its seeds, task -> arms): every matrix that logs the pairs
     "pairs": ("the sampled-pair matrix", STORE, "8201-8210",
@@ -58,30 +58,6 @@ ALPHA = 0.05  # the family-wise error rate a mechanism study would hold, with Ho
 # ---------------------------------------------------------------------------------------------
 # One seed's pairs: the head start and what C1 keeps once it is held fixed
 # ---------------------------------------------------------------------------------------------
-
-def logged(row: dict, key: str) -> np.ndarray:
-    """(P,) a metric row's per-pair list, a pair logged as None read as nan."""
-    return np.array([np.nan if v is None else v for v in row[key]], dtype=float)
-
-
-def head_start(rows: list[dict]) -> np.ndarray:
-    """(P,) l0_i: the coupled action's cold-start log probability over its control's, from the same logged
-    probabilities as C1 (floored as C1's are); nan where s_flawed has no other flawed action."""
-    first = next(r for r in rows if r.get("pair_flawed_probs") is not None)
-    if first["iter"] != 0:
-        raise ValueError("a run's first pair diagnostics must be its cold start's")
-    coupled, control = logged(first, "pair_flawed_probs"), logged(first, "pair_control_probs")
-    return np.log(np.maximum(coupled, PROB_FLOOR)) - np.log(np.maximum(control, PROB_FLOOR))
-
-
-def end_cosines(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(P,) each: the twins' embedding and gradient cosines at the run's last pair diagnostics with both
-    (the cold start and the last iteration log the gradient cosines)."""
-    last = next(r for r in reversed(rows) if r.get("pair_grad_cos") is not None)
-    if last["iter"] == 0:
-        raise ValueError("a run's gradient cosines must be logged at its end as well as at its cold start")
-    return logged(last, "pair_embed_cos"), logged(last, "pair_grad_cos")
-
 
 def mean_of(x: np.ndarray) -> float:
     """The mean over the defined values; nan where there are none."""

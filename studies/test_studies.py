@@ -16,8 +16,8 @@ import torch
 
 import envs
 import grpo_cls as g
-from studies import (arms, bench, channels, claims, compare, demo, endpoints, explain, repaired, replicate, stats,
-                     store, toys, twins)
+from studies import (arms, bench, channels, claims, compare, demo, endpoints, explain, mechanism, repaired, replicate,
+                     stats, store, toys, twins)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: results/, docs/
 needs_minigrid = pytest.mark.skipif(importlib.util.find_spec("minigrid") is None, reason="pip install minigrid")
@@ -89,6 +89,20 @@ def test_the_pretraining_data_pairs_each_observation_with_the_next_one_of_its_ow
     later = torch.nonzero(has).squeeze(1)
     assert torch.equal(x_next[later], x[later + 1])  # within a trajectory the rows are consecutive steps
     assert (x_next[~has] == 0).all()
+
+
+@pytest.mark.parametrize("shown, word", [
+    ({}, "cannot tell: the classifier did not separate the twins"),
+    ({"H3": "lower", "H6": "lower", "H4": "lower"}, "representation"),
+    ({"H3": "lower", "H5": "lower"}, "representation"),
+    ({"H3": "lower", "H6": "lower"}, "information"),
+    ({"H3": "lower", "H9": "lower"}, "side effects"),
+    ({"H3": "lower"}, "cannot tell"),
+    ({"H3": "higher", "H4": "lower"}, "cannot tell: the classifier did not separate the twins"),
+    ({"H3": "lower", "H4": "higher", "H6": "lower"}, "information (shown against the prediction: H4)")])
+def test_the_mechanism_verdict_follows_the_protocols_rules_in_their_order(shown, word):
+    fam = {h: ([], 1.0, shown.get(h)) for h in mechanism.HYPOTHESES}
+    assert mechanism.verdict(fam).startswith(word)
 
 
 def test_the_registered_demo_checks_exactly_what_make_run_trains():

@@ -43,6 +43,30 @@ def pair_measures(rows: list[dict]) -> dict:
             "flawed": next(r["flawed_rate"] for r in reversed(rows) if r.get("flawed_rate") is not None)}
 
 
+def logged(row: dict, key: str) -> np.ndarray:
+    """(P,) a metric row's per-pair list, a pair logged as None read as nan."""
+    return np.array([np.nan if v is None else v for v in row[key]], dtype=float)
+
+
+def head_start(rows: list[dict]) -> np.ndarray:
+    """(P,) l0_i: the coupled action's cold-start log probability over its control's, from the same logged
+    probabilities as C1 (floored as C1's are); nan where s_flawed has no other flawed action."""
+    first = next(r for r in rows if r.get("pair_flawed_probs") is not None)
+    if first["iter"] != 0:
+        raise ValueError("a run's first pair diagnostics must be its cold start's")
+    coupled, control = logged(first, "pair_flawed_probs"), logged(first, "pair_control_probs")
+    return np.log(np.maximum(coupled, PROB_FLOOR)) - np.log(np.maximum(control, PROB_FLOOR))
+
+
+def end_cosines(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(P,) each: the twins' embedding and gradient cosines at the run's last pair diagnostics with both
+    (the cold start and the last iteration log the gradient cosines)."""
+    last = next(r for r in reversed(rows) if r.get("pair_grad_cos") is not None)
+    if last["iter"] == 0:
+        raise ValueError("a run's gradient cosines must be logged at its end as well as at its cold start")
+    return logged(last, "pair_embed_cos"), logged(last, "pair_grad_cos")
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-seed statistics and the primary family
 # ---------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ matrix-lambda: $(STAMP)  ## its sensitivity check: shaping at lambda 0.2, Kitche
 coupling: $(STAMP)  ## claim 3b over sampled twin pairs (results/PROTOCOL.md): 50 runs, ~40 min; stores results/runs/coupling
 	$(PY) -m studies.coupling
 
-explain: $(STAMP)  ## one twin pair traced by hand, in about 10 s: writes docs/walkthrough.md and docs/walkthrough.png
+explain: $(STAMP)  ## one twin pair traced by hand, in about half a minute: writes docs/walkthrough.md and docs/walkthrough.png
 	OMP_NUM_THREADS=1 $(PY) -m studies.explain
 
 channels: $(STAMP)  ## what carries the cure (results/PROTOCOL.md): classifier, placebo, labels through the policy

@@ -5,7 +5,7 @@ Three accounts of how the classifier lowers the flawed rate: representation (sep
 coupling), information (per-step labels help through any route) and side effects (a second gradient stream
 helps whatever it carries). Three Kitchen regimes, each a task of studies.store.TASKS:
 
-  text        today's trunk and cold start (the twins start at an embedding cosine of about 0.73)
+  text        the default trunk and cold start (the twins start at an embedding cosine of about 0.73)
   text-mlm    the trunk pretrained by masked-token prediction first (--pretrain mlm): twins start closer
               (about 0.88), as near-identical prompts do in a pretrained language model (make regime)
   text-weak   a weak cold start (--sft-steps 100): flawed actions start likely (about 0.64)

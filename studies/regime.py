@@ -7,7 +7,7 @@ development seed, the mean over 128 sampled twin pairs of the cosine of the twin
 phi(s, a) and of their gradients of log pi(a|s):
 
   init          the trunk at random initialisation
-  cold start    behaviour cloning on the noisy scripted agent (today's regime)
+  cold start    behaviour cloning on the noisy scripted agent (the default regime)
   <objective>   the trunk pretrained without task labels, alone, then followed by the cold start
 
 The label-free objectives read observations a noisy scripted agent visits on training tasks (the same
@@ -34,7 +34,7 @@ from studies import arms
 from studies.store import seed_list, write_report
 
 OBJECTIVES = ("mlm", "next")  # studies.arms.pretrain_trunk
-COLD_STARTS = ((150, 0.3), (100, 0.3), (75, 0.3), (50, 0.3), (150, 0.45), (100, 0.45), (150, 0.6))  # (steps, noise); first: today
+COLD_STARTS = ((150, 0.3), (100, 0.3), (75, 0.3), (50, 0.3), (150, 0.45), (100, 0.45), (150, 0.6))  # (steps, noise); first: the default
 
 
 def twin_cosines(policy, tok, pairs, device) -> dict:

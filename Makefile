@@ -1,4 +1,5 @@
-# The two commands are `make run` and `make test`; `make demo` (make run's pair on the registered seeds),
+# The two commands are `make run` and `make test`; `make bridge` and `make test-bridge` run the optional bridge
+# to TRL and verl (bridge/, in .venv-bridge); `make demo` (make run's pair on the registered seeds),
 # `make regime` and `make mechanism` (where twins start; the mechanism matrix), `make bench`, `make claims`,
 # `make optimizer`,
 # `make compare`, the `make matrix*` targets, `make coupling`, `make channels`, `make repaired`,
@@ -14,7 +15,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo regime mechanism test figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
+.PHONY: run demo regime mechanism test bridge test-bridge figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,16 @@ MINIGRID := minigrid==3.2.0
 $(VENV)/.minigrid: $(STAMP)
 	$(VENV)/bin/pip install --disable-pip-version-check -q $(MINIGRID)
 	touch $(VENV)/.minigrid
+
+# The bridge to TRL and verl (bridge/) is an optional extra with a venv of its own, .venv-bridge: verl's pins
+# clash with TRL's, so verl comes without its dependencies, and the main venv stays as small as it is
+BRIDGE := .venv-bridge
+VERL   := verl==0.9.1
+$(BRIDGE)/.installed: requirements.txt bridge/requirements.txt
+	$(PYTHON) -m venv $(BRIDGE)
+	$(BRIDGE)/bin/pip install --disable-pip-version-check -q -r requirements.txt -r bridge/requirements.txt
+	$(BRIDGE)/bin/pip install --disable-pip-version-check -q --no-deps $(VERL)
+	touch $(BRIDGE)/.installed
 
 run: $(STAMP)  ## the main job: plain GRPO, then GRPO + classifier from the same cold start, side by side (Kitchen)
 	$(PY) grpo_cls.py --cls-weight 0.5 --vs-plain --iters 25 --tasks-per-iter 12 --overwrite
@@ -42,13 +53,19 @@ mechanism: $(STAMP)  ## the mechanism matrix (results/PROTOCOL.md): 3 regimes x 
 test: $(STAMP) $(VENV)/.minigrid  ## the whole test suite (test_grpo_cls.py and studies/), MiniGrid's included, on two single-thread workers
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 test_grpo_cls.py studies/
 
+bridge: $(BRIDGE)/.installed  ## GCDGRPOTrainer (bridge/trl_gcd.py) on a tiny local Qwen2: plain GRPO vs + verdict
+	OMP_NUM_THREADS=1 $(BRIDGE)/bin/python -m bridge.example
+
+test-bridge: $(BRIDGE)/.installed  ## the bridge's tests: TRL's GRPOTrainer plus the verdict, and parity with verl's GRPO
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BRIDGE)/bin/python -m pytest -q -p no:cacheprovider bridge/
+
 figures: run  ## refresh docs/'s figures of a run (docs/run.md) from make run
 	mkdir -p docs
 	cp runs/text-cls0.5-seed1/curves.png runs/text-cls0.5-seed1/coupling.png runs/text-cls0.5-seed1/probe_heatmap.png \
 		runs/text-cls0.5-seed1/vs_plain.png docs/
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache __pycache__ studies/__pycache__ worlds/__pycache__
+	rm -rf $(VENV) $(BRIDGE) runs .pytest_cache __pycache__ studies/__pycache__ worlds/__pycache__ bridge/__pycache__
 
 bench: $(STAMP)  ## measure the trainer against this machine's ceilings; writes results/bench.json
 	$(PY) -m studies.bench

@@ -1098,7 +1098,7 @@ def module_level_forward_references(path: str) -> list[tuple[str, str]]:
 def test_the_code_reads_top_to_bottom_no_name_is_used_above_its_definition(tmp_path):
     """A student reads grpo_cls.py, envs.py, every adapter and every study from the top and never needs a name defined
     further down (the test files, which are specifications, aside)."""
-    code = ["grpo_cls.py", "envs.py"] + sorted(f"{d}/{f}" for d in ("studies", "worlds")
+    code = ["grpo_cls.py", "envs.py"] + sorted(f"{d}/{f}" for d in ("studies", "worlds", "bridge")
                                                for f in os.listdir(os.path.join(HERE, d))
                                                if f.endswith(".py") and not f.startswith("test_"))
     assert {f: module_level_forward_references(os.path.join(HERE, f)) for f in code} == {f: [] for f in code}
@@ -1110,7 +1110,8 @@ def test_the_code_reads_top_to_bottom_no_name_is_used_above_its_definition(tmp_p
 
 def test_no_function_in_any_file_is_longer_than_80_lines():
     files = sorted(f for f in os.listdir(HERE) if f.endswith(".py"))
-    files += sorted(f"{d}/{f}" for d in ("studies", "worlds") for f in os.listdir(os.path.join(HERE, d))
+    files += sorted(f"{d}/{f}" for d in ("studies", "worlds", "bridge")
+                    for f in os.listdir(os.path.join(HERE, d))
                     if f.endswith(".py"))
     long = [(f, node.name, node.end_lineno - node.lineno + 1) for f in files
             for node in ast.walk(ast.parse(open(os.path.join(HERE, f)).read()))
@@ -1409,3 +1410,29 @@ def test_any_other_minigrid_env_is_made_in_words_with_an_oracle_and_no_held_out_
     assert isinstance(env.unwrapped, minigrid_world.OracleMiniGrid) and "flawed" in env.step(env.unwrapped.optimal_action())[4]
     assert g.make_envs(cfg, 1, split="heldout") == []
     assert len(g.make_envs(tiny(out="unused", env="MiniGrid-LavaGapS5-v0"), 1, split="heldout")) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The bridge to TRL and verl is optional (its own tests: make test-bridge)
+# ---------------------------------------------------------------------------------------------
+
+def test_nothing_outside_bridge_imports_it_or_the_engines():
+    """grpo_cls.py, envs.py, the adapters and the studies import neither bridge/ nor trl, transformers or verl."""
+    files = ["grpo_cls.py", "envs.py"] + sorted(f"{d}/{f}" for d in ("studies", "worlds")
+                                                for f in os.listdir(os.path.join(HERE, d)) if f.endswith(".py"))
+    found = []
+    for f in files:
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, f)).read())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                found += [(f, n) for n in names if n.split(".")[0] in ("bridge", "trl", "transformers", "verl")]
+    assert found == []
+
+
+def test_without_trl_the_bridge_example_says_make_bridge_in_one_line():
+    code = ("import sys, runpy; sys.modules['trl'] = None\n"  # what an environment without trl sees
+            "runpy.run_module('bridge.example', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("python -m bridge.example: trl is not installed; `make bridge` installs")
+    assert len(out.stderr.strip().splitlines()) == 1

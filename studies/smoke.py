@@ -1,8 +1,9 @@
 """Every make target on a short setting: make smoke   (python -m studies.smoke [--only TARGET] [--keep])
 
-Each row of `rows` is one command of a Makefile target (make test aside: it is the test suite itself): the
-same module and flags as its Makefile line, plus flags that shorten it (2 iterations, two seeds, a small
-evaluation) and flags that send everything it writes (runs, stored runs, reports, docs blocks, figures,
+Each row of `rows` is one command of a Makefile target (make test aside: it is the test suite itself; make
+bridge and make test-bridge aside too: they need the optional .venv-bridge): the same module and flags as
+its Makefile line, plus flags that shorten it (2 iterations, two seeds, a small evaluation) and flags that
+send everything it writes (runs, stored runs, reports, docs blocks, figures,
 json) into one temporary folder. results/, docs/ and runs/ are never written: the script checks it.
 A target's rows run in order and the targets run in the table's order, so a later target uses what an
 earlier one made there, as make would: figures copies the short run's figures, run is set beside the

@@ -51,7 +51,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
-    """A randomly initialised 2-layer Qwen2, hidden size 32: the same from the same seed."""
+    """A randomly initialised 2-layer Qwen2, hidden size 64: the same from the same seed."""
     set_seed(seed)
     config = Qwen2Config(vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -73,14 +73,17 @@ def label_fn(prompts, completions) -> list:
     return [action_of(c) == GOOD[p.strip()] for p, c in zip(prompts, completions)]
 
 
-def trainer_for(cls_weight: float | None, steps: int, out: str, seed: int = 0, lr: float = 3e-3) -> GRPOTrainer:
-    """cls_weight None: TRL's own GRPOTrainer; a number: GCDGRPOTrainer with that weight."""
+def trainer_for(cls_weight: float | None, steps: int, out: str, seed: int = 0, lr: float = 3e-3,
+                loss_type: str = "dapo", reward=outcome_reward) -> GRPOTrainer:
+    """cls_weight None: TRL's own GRPOTrainer; a number: GCDGRPOTrainer with that weight. In float32 (bf16
+    off), so that a run is the same on any CPU; "dapo" is TRL's default loss."""
+    suppressed = [i for i, w in enumerate(WORDS) if w not in ACTIONS]
     args = GRPOConfig(output_dir=out, use_cpu=True, report_to="none", max_steps=steps, learning_rate=lr,
                       per_device_train_batch_size=16, num_generations=8, max_completion_length=1,
-                      logging_steps=1, save_strategy="no", seed=seed, disable_tqdm=True,
-                      generation_kwargs={"suppress_tokens": [i for i, w in enumerate(WORDS) if w not in ACTIONS]})
+                      logging_steps=1, save_strategy="no", seed=seed, disable_tqdm=True, bf16=False,
+                      loss_type=loss_type, generation_kwargs={"suppress_tokens": suppressed})
     data = Dataset.from_dict({"prompt": PROMPTS * 8})
-    common = dict(model=tiny_model(seed), reward_funcs=outcome_reward, args=args, train_dataset=data,
+    common = dict(model=tiny_model(seed), reward_funcs=reward, args=args, train_dataset=data,
                   processing_class=tiny_tokenizer())
     if cls_weight is None:
         return GRPOTrainer(**common)
@@ -99,7 +102,7 @@ def p_good(model, tok, batch=FIXED) -> torch.Tensor:
     p_ids, p_mask = encode(tok, [p for p, _ in batch], "left")
     c_ids, c_mask = encode(tok, [a for _, a in batch], "right")
     question = torch.tensor(tok(QUESTION, add_special_tokens=False)["input_ids"])
-    ids, mask, pos = verdict_inputs(p_ids, p_mask, c_ids, c_mask, question, tok.eos_token_id)
+    ids, mask, pos = verdict_inputs(p_ids, p_mask, c_ids, c_mask, question, torch.tensor([tok.eos_token_id]))
     logits = model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(batch)), pos]   # (N, V)
     good, bad = (tok(v, add_special_tokens=False)["input_ids"][0] for v in VERDICTS)
     return torch.softmax(logits[:, [good, bad]].float(), dim=-1)[:, 0]
@@ -113,10 +116,11 @@ def verdict_accuracy(model, tok, batch=FIXED) -> float:
 
 @torch.no_grad()
 def p_flawed(model, tok) -> float:
-    """pi(open | the door is open): the coupled action at the twin where it is flawed."""
-    ids, mask = encode(tok, ["the door is open"], "left")
-    logits = model(input_ids=ids, attention_mask=mask).logits[0, -1].float()
-    return float(torch.softmax(logits, dim=-1)[WORDS.index("open")])
+    """pi(open | the door is open), over the three actions the sampler allows: the coupled action at the twin
+    where it is flawed."""
+    ids, mask = encode(tok, [OPEN], "left")
+    logits = model(input_ids=ids, attention_mask=mask).logits[0, -1, [WORDS.index(a) for a in ACTIONS]]
+    return float(torch.softmax(logits.float(), dim=-1)[ACTIONS.index("open")])
 
 
 def report(name: str, model, tok) -> str:

@@ -22,10 +22,10 @@ def ids(tok, text: str) -> list:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def trained(cls_weight, steps: int, label_fn=None, lr: float = 3e-3):
+def trained(cls_weight, steps: int, label_fn=None, **kwargs):
     """A trainer after `steps` optimizer steps on the example's twins (cls_weight None: TRL's own trainer)."""
     with tempfile.TemporaryDirectory() as out:
-        trainer = example.trainer_for(cls_weight, steps, out, lr=lr)
+        trainer = example.trainer_for(cls_weight, steps, out, **kwargs)
         if label_fn is not None:
             trainer.label_fn = label_fn
         trainer.train()
@@ -43,7 +43,7 @@ def test_the_question_is_spliced_after_the_action_and_a_final_eos_is_dropped():
     c = torch.tensor([[ids(tok, "go")[0], EOS, 0], ids(tok, "open door wait")])                   # right-padded
     c_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     q = torch.tensor(ids(tok, QUESTION))
-    input_ids, mask, pos = verdict_inputs(p, p_mask, c, c_mask, q, EOS)
+    input_ids, mask, pos = verdict_inputs(p, p_mask, c, c_mask, q, torch.tensor([EOS]))
     words = [[tok.convert_ids_to_tokens(int(t)) if m else "_" for t, m in zip(row, mrow)]
              for row, mrow in zip(input_ids, mask)]
     assert words == [["_", "the", "door", "is", "open", "go", "was", "this", "action", "good", "?", "_", "_"],
@@ -89,20 +89,62 @@ def test_no_labels_no_verdict_term():
     with tempfile.TemporaryDirectory() as out:
         trainer = example.trainer_for(1.0, 1, out)
     trainer.label_fn = lambda prompts, completions: [None] * len(prompts)
-    assert trainer.verdict_term(trainer.model, micro_batch(example.tiny_tokenizer())) == (None, None)
+    loss, accuracy = trainer.verdict_term(trainer.model, micro_batch(example.tiny_tokenizer()))
+    assert accuracy is None and loss.item() == 0.0 and loss.requires_grad
+
+
+def bang_tokenizer():
+    """A tokenizer whose id 0 is an ordinary word, "!", as in GPT-2's, Qwen2's and Llama 3's; padding is id 1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["!", "<pad>", "<eos>"] + example.WORDS[2:]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_label_fn_reads_each_row_without_its_padding_and_a_dropped_completion_gets_no_verdict():
+    """The text label_fn sees has no trace of padding, whatever the padding id's neighbours are; a completion
+    TRL masked out whole (mask_truncated_completions) gets None whatever label_fn says."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = example.trainer_for(1.0, 1, out)
+    tok = trainer.tok = bang_tokenizer()
+    seen = []
+    trainer.label_fn = lambda prompts, completions: seen.append((prompts, completions)) or [True, False, True]
+    p = torch.tensor([[1] + ids(tok, OPEN), ids(tok, "the door is closed !")])
+    c = torch.tensor([ids(tok, "go") + [2, 1], ids(tok, "open wait !"), ids(tok, "wait") + [1, 1]])
+    inputs = {"prompt_ids": torch.cat([p, p[:1]]), "prompt_mask": (torch.cat([p, p[:1]]) != 1).long(),
+              "completion_ids": c, "completion_mask": torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]])}
+    assert trainer.labels_of(inputs) == [True, False, None]
+    assert seen == [([OPEN, "the door is closed !", OPEN], ["go", "open wait !", ""])]
 
 
 # ---------------------------------------------------------------------------------------------
 # TRL's GRPO is left as it is
 # ---------------------------------------------------------------------------------------------
 
-def test_with_cls_weight_0_the_losses_and_every_parameter_equal_trls_own_trainer_exactly():
-    ours, theirs = trained(0.0, 3), trained(None, 3)
-    assert type(theirs) is GRPOTrainer and isinstance(ours, GCDGRPOTrainer)
+def same_training(ours, theirs):
     loss_of = [[row["loss"] for row in t.state.log_history if "loss" in row] for t in (ours, theirs)]
     assert loss_of[0] == loss_of[1] and len(loss_of[0]) == 3
     for (name, a), (_, b) in zip(ours.model.named_parameters(), theirs.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_with_cls_weight_0_the_losses_and_every_parameter_equal_trls_own_trainer_exactly(loss_type):
+    ours, theirs = trained(0.0, 3, loss_type=loss_type), trained(None, 3, loss_type=loss_type)
+    assert type(theirs) is GRPOTrainer and isinstance(ours, GCDGRPOTrainer)
+    same_training(ours, theirs)
+
+
+def test_with_no_label_the_verdicts_forward_pass_runs_and_changes_nothing():
+    """label_fn says None everywhere: the verdict's forward pass still runs (weighted 0, as every process of a
+    distributed run must make the same calls), and the run equals TRL's own, bit for bit."""
+    calls = []
+    ours = trained(1.0, 3, label_fn=lambda prompts, completions: calls.append(1) or [None] * len(prompts))
+    assert len(calls) == 3
+    same_training(ours, trained(None, 3))
+    assert not any("verdict/loss" in row for row in ours.state.log_history)
 
 
 def test_the_policy_gradient_sees_the_completions_unchanged_and_the_verdict_is_only_added(monkeypatch):
@@ -125,22 +167,26 @@ def test_the_policy_gradient_sees_the_completions_unchanged_and_the_verdict_is_o
     assert all(torch.equal(seen[0][k], before[k]) for k in before)
     verdict, _ = trainer.verdict_term(trainer.model, batch)
     torch.testing.assert_close(total, 0.25 + 0.5 * verdict / 2)
+    total = trainer.compute_loss(trainer.model.eval(), batch)                   # evaluation: no accumulation
+    torch.testing.assert_close(total, 0.25 + 0.5 * trainer.verdict_term(trainer.model, batch)[0])
 
 
 def test_a_few_steps_raise_the_verdicts_accuracy_on_a_fixed_labelled_batch(monkeypatch):
-    """Labels: "wait" is flawed, any other action good. On two good and two flawed (prompt, action) pairs the
-    untrained model is right on 3; after 60 steps of GRPO + verdict it is right on all 4, and its logged verdict
-    loss falls."""
+    """Labels: "wait" is flawed, any other action good (a label that ignores the prompt: the twins' labels are
+    the example's, where the verdict does not learn them). Every reward is 0, so the policy gradient is silent
+    and the sampled actions keep all three words. On two good and two flawed (prompt, action) pairs the
+    untrained model is right on 3; after 20 steps of the whole trainer (sampling, scoring, loss, optimizer)
+    it is right on all 4, and its logged verdict loss falls."""
     label = lambda prompts, completions: [example.action_of(c) != "wait" for c in completions]  # noqa: E731
     fixed = [(CLOSED, "open"), (CLOSED, "wait"), (OPEN, "go"), (OPEN, "wait")]
     tok = example.tiny_tokenizer()
     monkeypatch.setattr(example, "label_fn", label)   # verdict_accuracy reads the truth from example.label_fn
     start = example.verdict_accuracy(example.tiny_model(0), tok, fixed)
-    trainer = trained(1.0, 60, label_fn=label)
+    trainer = trained(1.0, 20, label_fn=label, reward=lambda prompts, completions, **kw: [0.0] * len(prompts))
     end = example.verdict_accuracy(trainer.model.eval(), tok, fixed)
     losses = [row["verdict/loss"] for row in trainer.state.log_history if "verdict/loss" in row]
     assert (start, end) == (0.75, 1.0)
-    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
 def test_bad_arguments_are_refused_in_one_line():
@@ -181,7 +227,8 @@ def verl_surrogate(logp, logp_old, A, epsilon: float) -> torch.Tensor:
     """verl's vanilla PPO loss with token-mean aggregation over one token per sample."""
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
     from verl.workers.config.actor import ActorConfig
-    config = ActorConfig(strategy="fsdp", rollout_n=1, clip_ratio=epsilon, ppo_micro_batch_size_per_gpu=1)
+    config = ActorConfig(strategy="fsdp", rollout_n=1, clip_ratio=epsilon, clip_ratio_low=epsilon,
+                         clip_ratio_high=epsilon, clip_ratio_c=3.0, ppo_micro_batch_size_per_gpu=1)
     loss, _ = compute_policy_loss_vanilla(logp_old[:, None], logp[:, None], A[:, None],
                                           torch.ones(len(A), 1), "token-mean", config)
     return loss
@@ -200,28 +247,30 @@ def test_our_group_advantage_equals_verls(scale, by_std, kind):
                                rtol=1e-6, atol=1e-6)
 
 
-def test_our_clipped_surrogate_equals_verls_vanilla_ppo_loss_and_gradient():
-    """Ratios in (1/3, 3), both signs of A, many of them clipped: the same mean loss and the same gradient."""
+@pytest.mark.parametrize("epsilon", [0.1, 0.2, 0.3])
+def test_our_clipped_surrogate_equals_verls_vanilla_ppo_loss_and_gradient(epsilon):
+    """Ratios in (0.4, 2.5), both signs of A, many of them clipped: the same mean loss and the same gradient."""
     g = torch.Generator().manual_seed(1)
     logp_old = torch.randn(64, generator=g) * 0.5 - 1.0
     step = (torch.rand(64, generator=g) * 2 - 1) * 0.9                       # |log ratio| < 0.9: ratio in (0.4, 2.5)
     A = torch.randn(64, generator=g)
     grads = []
-    for loss_fn in (lambda lp: grpo_cls.clipped_surrogate(lp, logp_old, A, 0.2).mean(),
-                    lambda lp: verl_surrogate(lp, logp_old, A, 0.2)):
+    for loss_fn in (lambda lp: grpo_cls.clipped_surrogate(lp, logp_old, A, epsilon).mean(),
+                    lambda lp: verl_surrogate(lp, logp_old, A, epsilon)):
         logp = (logp_old + step).requires_grad_(True)
         loss = loss_fn(logp)
         loss.backward()
         grads.append((loss.detach(), logp.grad))
-    clipped = ((step.exp() - 1).abs() > 0.2).float().mean()
-    assert 0.3 < clipped < 0.9
+    clipped = ((step.exp() - 1).abs() > epsilon).float().mean()
+    assert 0.2 < clipped < 0.95                                    # clipped and unclipped ratios both
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-8)
 
 
 def test_the_one_difference_verls_dual_clip_caps_the_loss_of_a_negative_advantage_above_ratio_3():
     """verl's vanilla loss is dual-clip PPO (clip_ratio_c = 3): where A < 0 and the ratio passes 3 it stops at
-    -3 A; ours (and the paper's GRPO) keeps -ratio * A. Everywhere else the two are equal."""
+    -3 A; ours (and the paper's GRPO) keeps -ratio * A. (verl also clamps the log ratio to +-20, which no
+    sane step reaches.)"""
     logp_old = torch.zeros(4)
     logp = torch.log(torch.tensor([4.0, 4.0, 2.0, 0.5]))
     A = torch.tensor([-1.0, 1.0, -1.0, -1.0])

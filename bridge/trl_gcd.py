@@ -11,6 +11,10 @@ and the actor is trained by cross-entropy on that one token, weighted by `cls_we
 
 The verdict is scored in a forward pass of its own over the labelled completions, so its tokens never enter
 the completion ids, the completion mask or the policy-gradient mean, and the environment never sees them.
+One verdict per completion: where a completion holds a whole multi-turn episode (TRL's tools,
+environment_factory, rollout_func), it is asked once, at the end. A verdict per turn needs each decision as
+its own prompt and completion, as grpo_cls.py trains. Text-only models; the temperature TRL applies to the
+policy's log-probabilities does not enter the verdict's cross-entropy.
 With cls_weight = 0 the trainer is TRL's GRPOTrainer, exactly (bridge/test_bridge.py checks every parameter).
 
 Labels come from a function the user passes, label_fn(prompts, completions) -> [True | False | None] (True:
@@ -18,7 +22,8 @@ the action was good, False: it was flawed, None: no verdict for this one), calle
 micro-batch. Anything the environment reported can feed it: an invalid command, a loop, an oracle's plan.
 
 Pinned to trl==1.16.0 (bridge/requirements.txt); only the public compute_loss is overridden. The one private
-attribute read is self._metrics, where TRL keeps what it logs.
+attributes read are self.eos_token_ids (every token that ends a completion) and self._metrics, where TRL
+keeps what it logs.
 """
 from __future__ import annotations
 
@@ -39,18 +44,20 @@ VERDICTS = (" good", " bad")  # the answer for a good action, the answer for a f
 LabelFn = Callable[[list, list], list]
 
 
-def verdict_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, question_ids, eos_id):
-    """Splice the question in right after each completion's last real token (a final EOS is dropped).
+def verdict_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, question_ids, eos_ids):
+    """Splice the question in right after each completion's last real token (a final stop token is dropped).
 
     prompt_ids, prompt_mask (B, P), left-padded as TRL keeps them; completion_ids, completion_mask (B, C),
-    right-padded; question_ids (Q,). Returns input_ids, attention_mask (B, P + C + Q) and the position
-    (B,) whose logits predict the verdict. The prompt and the action keep the positions TRL scores them at."""
+    right-padded; question_ids (Q,); eos_ids (E,) every token that ends a completion. Returns input_ids,
+    attention_mask (B, P + C + Q) and the position (B,) whose logits predict the verdict. The prompt and the
+    action keep the positions TRL scores them at."""
     B, P = prompt_ids.shape
     Q = question_ids.numel()
     input_ids = torch.cat([prompt_ids, completion_ids, question_ids.new_zeros(B, Q)], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask, prompt_mask.new_zeros(B, Q)], dim=1)
     n = completion_mask.sum(1)                                                     # (B,) real action tokens
-    ends_with_eos = (n > 0) & (completion_ids.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0] == eos_id)
+    last = completion_ids.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0]           # (B,)
+    ends_with_eos = (n > 0) & torch.isin(last, eos_ids)
     n = n - ends_with_eos.long()
     for i in range(B):                                  # a few rows per micro-batch: a loop reads plainly
         start = P + int(n[i])
@@ -90,42 +97,45 @@ class GCDGRPOTrainer(GRPOTrainer):
         self.tok = tok
 
     def labels_of(self, inputs) -> list:
-        """label_fn on the decoded prompts and completions of this micro-batch."""
-        decode = self.tok.batch_decode
-        prompts = decode(inputs["prompt_ids"] * inputs["prompt_mask"], skip_special_tokens=True)
-        completions = decode(inputs["completion_ids"] * inputs["completion_mask"], skip_special_tokens=True)
-        labels = list(self.label_fn(prompts, completions))
+        """label_fn on the decoded text of this micro-batch, each row without its padding. A completion TRL
+        has masked out whole (mask_truncated_completions) gets no verdict, as it gets no policy gradient."""
+        def texts(ids, mask):
+            return self.tok.batch_decode([row[m.bool()] for row, m in zip(ids, mask)], skip_special_tokens=True)
+        prompts = texts(inputs["prompt_ids"], inputs["prompt_mask"])
+        labels = list(self.label_fn(prompts, texts(inputs["completion_ids"], inputs["completion_mask"])))
         if len(labels) != len(prompts) or not all(y is None or isinstance(y, bool) for y in labels):
             raise ValueError(f"label_fn must return one of True, False or None per completion, got {labels}")
-        return labels
+        kept = inputs["completion_mask"].sum(1) > 0
+        return [y if bool(k) else None for y, k in zip(labels, kept)]
 
     def verdict_term(self, model, inputs):
-        """The verdict's mean cross-entropy over the labelled completions (None when there are none)."""
+        """The verdict's mean cross-entropy over the labelled completions, and its accuracy. With no label in
+        the micro-batch the forward pass still runs, on one row weighted 0, so that every process of a
+        distributed run makes the same calls (DDP and FSDP need it); the accuracy is then None."""
         labels = self.labels_of(inputs)
         rows = [i for i, y in enumerate(labels) if y is not None]
-        if not rows:
-            return None, None
+        weight = 1.0 if rows else 0.0
+        rows = rows or [0]
         device = inputs["prompt_ids"].device
         keep = torch.tensor(rows, device=device)
+        eos_ids = torch.tensor(self.eos_token_ids, device=device)         # every id TRL stops a completion at
         ids, mask, pos = verdict_inputs(inputs["prompt_ids"][keep], inputs["prompt_mask"][keep],
                                         inputs["completion_ids"][keep], inputs["completion_mask"][keep],
-                                        self.question_ids.to(device), self.tok.eos_token_id)
-        wanted = torch.unique(pos)                                 # logits only where some row's verdict sits
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=wanted).logits   # (N, len(wanted), V)
-        logits = logits[torch.arange(len(rows), device=device), torch.searchsorted(wanted, pos)]  # (N, V)
+                                        self.question_ids.to(device), eos_ids)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=pos[:, None], use_cache=False).logits
         verdict_ids = self.verdict_ids.to(device)
         targets = verdict_ids[torch.tensor([0 if labels[i] else 1 for i in rows], device=device)]
-        return verdict_loss(logits, targets, verdict_ids)
+        loss, accuracy = verdict_loss(logits[:, 0], targets, verdict_ids)                      # logits (N, 1, V)
+        return weight * loss, (accuracy if weight else None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.cls_weight == 0:
             return loss
         cls_loss, accuracy = self.verdict_term(model, inputs)
-        if cls_loss is None:
-            return loss
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["verdict/loss"].append(cls_loss.item())
-        self._metrics[mode]["verdict/accuracy"].append(accuracy.item())
+        if accuracy is not None:                                 # logged by each process for its own rows
+            self._metrics[mode]["verdict/loss"].append(cls_loss.item())
+            self._metrics[mode]["verdict/accuracy"].append(accuracy.item())
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0   # as TRL's loss
         return loss + self.cls_weight * cls_loss / accumulation

@@ -32,9 +32,10 @@ $(VENV)/.minigrid: $(STAMP)
 # clash with TRL's, so verl comes without its dependencies, and the main venv stays as small as it is
 BRIDGE := .venv-bridge
 VERL   := verl==0.9.1
-$(BRIDGE)/.installed: requirements.txt bridge/requirements.txt
+$(BRIDGE)/.installed: requirements.txt bridge/requirements.txt bridge/constraints.txt
 	$(PYTHON) -m venv $(BRIDGE)
-	$(BRIDGE)/bin/pip install --disable-pip-version-check -q -r requirements.txt -r bridge/requirements.txt
+	$(BRIDGE)/bin/pip install --disable-pip-version-check -q -r requirements.txt -r bridge/requirements.txt \
+		-c bridge/constraints.txt
 	$(BRIDGE)/bin/pip install --disable-pip-version-check -q --no-deps $(VERL)
 	touch $(BRIDGE)/.installed
 

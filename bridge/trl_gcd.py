@@ -14,15 +14,15 @@ the completion ids, the completion mask or the policy-gradient mean, and the env
 One verdict per completion: where a completion holds a whole multi-turn episode (TRL's tools,
 environment_factory, rollout_func), it is asked once, at the end. A verdict per turn needs each decision as
 its own prompt and completion, as grpo_cls.py trains. Text-only models; the temperature TRL applies to the
-policy's log-probabilities does not enter the verdict's cross-entropy.
-With cls_weight = 0 the trainer is TRL's GRPOTrainer, exactly (bridge/test_bridge.py checks every parameter).
+policy's log-probabilities does not enter the verdict's cross-entropy. With cls_weight = 0 the trainer is
+TRL's GRPOTrainer, exactly (bridge/test_bridge.py checks every parameter).
 
 Labels come from a function the user passes, label_fn(prompts, completions) -> [True | False | None] (True:
 the action was good, False: it was flawed, None: no verdict for this one), called on the decoded text of each
 micro-batch. Anything the environment reported can feed it: an invalid command, a loop, an oracle's plan.
 
-Pinned to trl==1.16.0 (bridge/requirements.txt); only the public compute_loss is overridden. The one private
-attributes read are self.eos_token_ids (every token that ends a completion) and self._metrics, where TRL
+Pinned to trl==1.16.0 (bridge/requirements.txt); only the public compute_loss is overridden. The private
+attributes it reads are self.eos_token_ids (every token that ends a completion) and self._metrics, where TRL
 keeps what it logs.
 """
 from __future__ import annotations

@@ -24,7 +24,8 @@ and the arms (each from the seed's shared cold start, studies.arms):
 
 `--tables` computes the registered family (H1-H9, Holm over the nine), the verdict by the protocol's rules,
 the exploratory tables and the figure of each account's predictions beside what was measured, from the
-stored runs alone: results/mechanism.md and results/mechanism.png.
+stored runs alone: results/mechanism-matrix.md and results/mechanism-matrix.png (results/mechanism.md and
+mechanism.png are claim 3c's, from studies.claims --mechanism).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from studies.endpoints import add_endpoint_arg, run_numbers
 from studies.twins import end_cosines, head_start, pair_measures
 
 SEEDS = "8501-8512"
+REPORT, FIGURE = "mechanism-matrix.md", "mechanism-matrix.png"  # not claim 3c's mechanism.md / .png
 EXTRA_SEEDS = "8513-8536"  # plain and cls-oracle on text only: the generalization contrasts (H7, H8)
 POLICY_WEIGHT = 0.292  # the policy channel's weight, the channel matrix's calibration on Kitchen
 ALL = ("plain", "cls-oracle", "placebo", "policy", "repel", "place-high", "place-low")
@@ -232,7 +234,7 @@ def plot(fam: dict, path: str):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m studies.mechanism", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    store.add_matrix_args(p, SEEDS, "mechanism.md", None)
+    store.add_matrix_args(p, SEEDS, REPORT, None)
     p.set_defaults(store="results/runs/mechanism", runs="runs/mechanism")
     p.add_argument("--extra-seeds", default=EXTRA_SEEDS, help="the generalization contrasts' further seeds")
     add_endpoint_arg(p)
@@ -252,10 +254,10 @@ def main(argv=None):
     if any(store.is_stored(os.path.join(args.store, f"text-plain-seed{s}")) for s in args.extra_seeds):
         runs |= store.load_store(args.store, EXTRA_ARMS_OF, args.extra_seeds, arm_overrides)[0]
     os.makedirs(args.out, exist_ok=True)
-    store.write_report(os.path.join(args.out, "mechanism.md"), "# The mechanism matrix\n\n"
+    store.write_report(os.path.join(args.out, REPORT), "# The mechanism matrix\n\n"
                        + report(runs, args.seeds, args.extra_seeds, args.endpoint_from))
     all_seeds = args.seeds + [s for s in args.extra_seeds if s not in args.seeds]
-    plot(registered_family(runs, args.seeds, all_seeds, args.endpoint_from), os.path.join(args.out, "mechanism.png"))
+    plot(registered_family(runs, args.seeds, all_seeds, args.endpoint_from), os.path.join(args.out, FIGURE))
 
 
 if __name__ == "__main__":

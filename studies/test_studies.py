@@ -99,10 +99,63 @@ def test_the_pretraining_data_pairs_each_observation_with_the_next_one_of_its_ow
     ({"H3": "lower", "H9": "lower"}, "side effects"),
     ({"H3": "lower"}, "cannot tell"),
     ({"H3": "higher", "H4": "lower"}, "cannot tell: the classifier did not separate the twins"),
-    ({"H3": "lower", "H4": "higher", "H6": "lower"}, "information (shown against the prediction: H4)")])
+    ({"H3": "lower", "H4": "higher", "H6": "lower"}, "information (shown against the prediction: H4)"),
+    ({"H3": "higher"}, "cannot tell: the classifier did not separate the twins (H3), so the mechanism was not put "
+                       "to the test (shown against the prediction: H3)")])
 def test_the_mechanism_verdict_follows_the_protocols_rules_in_their_order(shown, word):
     fam = {h: ([], 1.0, shown.get(h)) for h in mechanism.HYPOTHESES}
     assert mechanism.verdict(fam).startswith(word)
+
+
+PLANTED = {"plain": 0.0, "cls-oracle": -0.03, "placebo": -0.01, "policy": -0.02, "repel": -0.005,
+           "place-high": -0.004, "place-low": 0.0}  # each arm's late flawed rate minus plain's
+
+
+def planted_run(arm: str, seed: int, pairs: int = 16) -> list[dict]:
+    """A made-up 60-iteration run with known effects: the cold start's pairs are the seed's, the flawed rate is
+    the seed's level plus the arm's effect (at iteration 50, outside the endpoint, every arm but plain is off by
+    0.5), the classifier lowers the twins' embedding cosine at iteration 60 by 0.05 (by 0.5 at iteration 58,
+    which is not the end), and raises held-out success by 0.02."""
+    r = np.random.default_rng(seed)
+    level, grad0, pf0, pc0 = r.normal(0.3, 0.02), r.uniform(0.2, 0.9, pairs), r.uniform(0.01, 0.3, pairs), \
+        r.uniform(0.01, 0.3, pairs)
+    noise = np.random.default_rng([seed, len(arm)]).normal(0, 0.1, (61, pairs))
+    rows = []
+    for it in range(61):
+        off = 0.5 * (it == 50 and arm != "plain")
+        row = {"iter": it, "train_flawed_rate": None if it == 0 else level + PLANTED[arm] + off}
+        if it % 2 == 0:
+            row["pair_flawed_probs"] = list(pf0 * np.exp(it / 60 * grad0 * (1 + noise[it])))
+            row["pair_control_probs"] = [None if i % 5 == 0 else c * np.exp(-it / 600) for i, c in enumerate(pc0)]
+            row["pair_embed_cos"] = [0.88 - (arm == "cls-oracle") * (0.05 * (it == 60) + 0.5 * (it == 58))] * pairs
+        if it in (0, 60):
+            row["pair_grad_cos"] = list(grad0 - 0.01 * (it == 60 and arm != "plain"))
+            row["ood_success_rate"] = 0.3 + 0.02 * (arm == "cls-oracle" and it == 60)
+            row["ood_flawed_rate"], row["flawed_rate"] = 0.4, 0.4
+        row["placed_labels"] = 32 if arm.startswith("place") and it > 0 else None
+        rows.append(row)
+    return rows
+
+
+def test_the_mechanism_analysis_finds_planted_effects_on_36_seeds_and_names_a_missing_run():
+    """On made-up runs with known effects, the registered family has the planted signs and seed counts (H7 and
+    H8 on 36 seeds, the exact test counted by halves), the endpoint skips iteration 50, and the report names
+    the one missing run."""
+    seeds, extra = list(range(8501, 8513)), list(range(8513, 8537))
+    runs = {(t, a, s): planted_run(a, s) for t, arms_ in mechanism.ARMS_OF.items() for a in arms_ for s in seeds}
+    runs |= {("text", a, s): planted_run(a, s) for a in ("plain", "cls-oracle") for s in extra}
+    del runs[("text-mlm", "placebo", 8503)]
+    fam = mechanism.registered_family(runs, seeds, seeds + extra, 51)
+    counts = {h: len(v) for h, (v, _, _) in fam.items()}
+    assert counts == {"H1": 12, "H2": 12, "H3": 12, "H4": 11, "H5": 12, "H6": 11, "H7": 36, "H8": 36, "H9": 11}
+    means = {h: round(float(np.mean(v)), 6) for h, (v, _, _) in fam.items() if h not in ("H1", "H2", "H8")}
+    assert means == {"H3": -0.05, "H4": 0.005, "H5": -0.004, "H6": -0.02, "H7": 0.02, "H9": -0.01}
+    assert fam["H7"][1] == 2 / 2 ** 36 and fam["H8"][1] == 1.0
+    assert fam["H3"][2] == "lower" and fam["H4"][2] == "higher"
+    text = mechanism.report(runs, seeds, extra, 51)
+    assert "| text-mlm | placebo | 8501-8512 | 11 of 12 | 8503 |" in text
+    assert "| text | plain | 8513-8536 | 24 of 24 | none |" in text
+    assert "representation (shown against the prediction: H4)" in text
 
 
 def test_the_registered_demo_checks_exactly_what_make_run_trains():
@@ -163,10 +216,21 @@ def test_spearman_uses_mean_ranks_for_ties():
     assert stats.spearman(np.array([1., np.nan, 2, 3]), np.array([3., 0, 2, 1])) == pytest.approx(-1)
 
 
+def test_sign_flip_p_by_halves_equals_counting_every_sign_pattern():
+    """The test counts by halves; on small inputs, real-valued and tied, it equals the plain count over all
+    2^n patterns (with the same allowance for roundoff at the observed value)."""
+    rng = np.random.default_rng(0)
+    for n in range(1, 13):
+        for v in (rng.normal(0.02, 0.05, n), rng.integers(-3, 4, n).astype(float)):
+            every = stats.signed_sums(v)
+            assert stats.sign_flip_p(v) == float((np.abs(every) >= abs(v.sum()) * (1 - 1e-12)).mean())
+
+
 def test_sign_flip_p_is_exact_and_holm_steps_down():
     assert stats.sign_flip_p([3, 1, 2]) == 2 / 8  # only all-plus and all-minus reach |sum| = 6
     assert stats.sign_flip_p([1] * 10) == 2 / 1024 and stats.sign_flip_p([1, -1]) == 1
     assert stats.sign_flip_p([2, -1, 1]) == 6 / 8  # |sum| >= 2 in all but the two patterns summing to 0
+    assert stats.sign_flip_p([1.0] * 36) == 2 / 2 ** 36 and stats.sign_flip_p([0.0] * 5) == 1  # 36 seeds: H7, H8
     # Holm at 5%: the smallest p against 0.05/2, the next against 0.05/1; stops at the first failure
     assert stats.holm({"a": 0.03, "b": 0.01}) == {"a": True, "b": True}  # Bonferroni would keep a
     assert stats.holm({"a": 0.03, "b": 0.03}) == {"a": False, "b": False}

@@ -60,18 +60,19 @@ def unpadded_verdict_logits(model, tok, prompt: str, action: str) -> torch.Tenso
 
 
 def micro_batch(tok):
-    """Three completions of equal-length prompts; the first ends with EOS, the second is padded."""
+    """Three completions of equal-length prompts, of two lengths (so their answers sit at different positions):
+    "open door" ending with EOS, "open" padded, "go" ending with EOS and padded."""
     p = torch.tensor([ids(tok, CLOSED), ids(tok, OPEN), ids(tok, OPEN)])
-    c = torch.tensor([[ids(tok, "open")[0], EOS], [ids(tok, "open")[0], 0], [ids(tok, "go")[0], EOS]])
+    c = torch.tensor([ids(tok, "open door") + [EOS], ids(tok, "open") + [0, 0], ids(tok, "go") + [EOS, 0]])
     return {"prompt_ids": p, "prompt_mask": torch.ones_like(p), "completion_ids": c,
-            "completion_mask": torch.tensor([[1, 1], [1, 0], [1, 1]])}
+            "completion_mask": torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])}
 
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_the_verdict_loss_is_the_cross_entropy_of_the_answer_token_at_each_labelled_completion(flip):
     """Labels (good, flawed, none): the loss is the mean of -log pi(good) at the first and -log pi(bad) at the
-    second, scored as one plain unpadded sequence would be; the unlabelled third adds nothing. Flipping the
-    labels flips the tokens."""
+    second, scored as one plain unpadded sequence would be, though their answers sit at different positions;
+    the unlabelled third adds nothing. Flipping the labels flips the tokens."""
     with tempfile.TemporaryDirectory() as out:
         trainer = example.trainer_for(1.0, 1, out)
     trainer.label_fn = lambda prompts, completions: [not flip, flip, None]
@@ -79,7 +80,7 @@ def test_the_verdict_loss_is_the_cross_entropy_of_the_answer_token_at_each_label
     loss, _ = trainer.verdict_term(model, micro_batch(tok))
     good, bad = (ids(tok, v)[0] for v in VERDICTS)
     expected = []
-    for (prompt, action), label in zip([(CLOSED, "open"), (OPEN, "open")], [not flip, flip]):
+    for (prompt, action), label in zip([(CLOSED, "open door"), (OPEN, "open")], [not flip, flip]):
         logp = torch.log_softmax(unpadded_verdict_logits(model, tok, prompt, action).float(), dim=-1)
         expected.append(-logp[good if label else bad])
     torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)

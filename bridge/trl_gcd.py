@@ -1,11 +1,13 @@
 """The classifier term in TRL: a GRPOTrainer that also trains the actor to say whether its own action was good.
 
-grpo_cls.py trains a verdict head beside a small policy. An LLM agent has no separate head: it *generates*
-its verdict. After each sampled action the response goes on with a fixed question and one answer token,
+grpo_cls.py trains a verdict head beside a small policy. An LLM agent has no separate head: its verdict is a
+token of its own vocabulary. After each sampled action the response is extended with a fixed question and one
+answer token,
 
     <prompt> <action> Was this action good? good|bad
 
-and the actor is trained by cross-entropy on that one token, weighted by `cls_weight`:
+and the model is trained by cross-entropy on that one token (teacher-forced: it is scored, never sampled, in
+training; at inference the model can be asked the question), weighted by `cls_weight`:
 
     loss = TRL's GRPO loss (unchanged) + cls_weight * mean over labelled completions of -log pi(verdict | ...)
 
@@ -17,11 +19,12 @@ its own prompt and completion, as grpo_cls.py trains. Text-only models; the temp
 policy's log-probabilities does not enter the verdict's cross-entropy. With cls_weight = 0 the trainer is
 TRL's GRPOTrainer, exactly (bridge/test_bridge.py checks every parameter).
 
-Labels come from a function the user passes, label_fn(prompts, completions) -> [True | False | None] (True:
-the action was good, False: it was flawed, None: no verdict for this one), called on the decoded text of each
-micro-batch. Anything the environment reported can feed it: an invalid command, a loop, an oracle's plan.
+Labels (the truth the verdict is trained towards) come from a function the user passes,
+label_fn(prompts, completions) -> [True | False | None] (True: the action was good, False: it was flawed,
+None: no label for this one), called on the decoded text of each micro-batch. Anything the environment reported can feed it: an invalid command, a loop, an oracle's plan.
 
-Pinned to trl==1.16.0 (bridge/requirements.txt); only the public compute_loss is overridden. The private
+Pinned to trl==1.16.0 and transformers==5.25.0 (bridge/requirements.txt): only the public compute_loss is
+overridden, and the answers' logits are picked per row by a 2-D logits_to_keep, which transformers 5.25 takes. The private
 attributes it reads are self.eos_token_ids (every token that ends a completion) and self._metrics, where TRL
 keeps what it logs.
 """

@@ -21,12 +21,13 @@ TRL's GRPOTrainer, exactly (bridge/test_bridge.py checks every parameter).
 
 Labels (the truth the verdict is trained towards) come from a function the user passes,
 label_fn(prompts, completions) -> [True | False | None] (True: the action was good, False: it was flawed,
-None: no label for this one), called on the decoded text of each micro-batch. Anything the environment reported can feed it: an invalid command, a loop, an oracle's plan.
+None: no label for this one), called on the decoded text of each micro-batch. Anything the environment
+reported can feed it: an invalid command, a loop, an oracle's plan.
 
 Pinned to trl==1.16.0 and transformers==5.25.0 (bridge/requirements.txt): only the public compute_loss is
-overridden, and the answers' logits are picked per row by a 2-D logits_to_keep, which transformers 5.25 takes. The private
-attributes it reads are self.eos_token_ids (every token that ends a completion) and self._metrics, where TRL
-keeps what it logs.
+overridden, and the answers' logits are picked per row by a 2-D logits_to_keep, which transformers 5.25
+takes. The private attributes it reads are self.eos_token_ids (every token that ends a completion) and
+self._metrics, where TRL keeps what it logs.
 """
 from __future__ import annotations
 

@@ -131,6 +131,7 @@ tables: $(VENV)/.minigrid  ## every table and figure of the findings, from the s
 	$(PY) -m studies.replicate --tables
 	$(PY) -m studies.headstart
 	$(PY) -m studies.demo --tables
+	$(PY) -m studies.mechanism --tables
 
 REF := runs/reference-text-plain-seed1
 reference: $(STAMP)  ## the stored plain-GRPO run a lone classifier run is set beside (results/reference, --baseline auto)

@@ -236,6 +236,24 @@ def placement_lines(runs: dict, task: str, seeds: list[int], first: int) -> list
     return lines
 
 
+def levels(runs: dict, task: str, seeds: list[int], first: int) -> list[str]:
+    """Descriptive: each arm's own mean ± 95% t half-width over its seeds, no test (added after the report was
+    read, to show the levels the contrasts start from)."""
+    def level(arm: str, k: str) -> str:
+        got = [runs[(task, arm, s)] for s in seeds if (task, arm, s) in runs]
+        v = [end_embed(r) if k == "embed_end" else run_numbers(r, first)[k] for r in got]
+        if len(v) < 2:
+            return "n/a"
+        m, h = stats.mean_ci(v)
+        return f"{m:.3f} ± {h:.3f}"
+    names = {"endpoint": "late flawed rate", "ood_success": "held-out success",
+             "ood_flawed": "held-out flawed rate", "embed_end": "twins' embedding cosine at the end"}
+    arms = ARMS_OF[task]
+    lines = ["", f"{task}, each arm's own level, mean ± 95% t half-width over seeds (descriptive):", "",
+             "| measure | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    return lines + [f"| {name} | " + " | ".join(level(a, k) for a in arms) + " |" for k, name in names.items()]
+
+
 def report(runs: dict, seeds: list[int], extra_seeds: list[int], first: int) -> str:
     all_seeds = seeds + [s for s in extra_seeds if s not in seeds]
     fam = registered_family(runs, seeds, all_seeds, first)
@@ -256,7 +274,7 @@ def report(runs: dict, seeds: list[int], extra_seeds: list[int], first: int) -> 
         diffs = {a: arm_minus_plain(runs, task, a, seeds, first) for a in arms if a != "plain"}
         for k, name in names.items():
             lines.append(f"| {name} | " + " | ".join(cell(diffs[a][k]) for a in diffs) + " |")
-        lines += regime_contrasts(runs, task, seeds, first)
+        lines += levels(runs, task, seeds, first) + regime_contrasts(runs, task, seeds, first)
         starts = [pair_measures(runs[(task, "plain", s)]) for s in seeds if (task, "plain", s) in runs]
         if starts:
             lines += ["", f"{task}: the twins at the cold start, mean over pairs then seeds: embedding cosine "

@@ -78,6 +78,16 @@ def test_the_stored_demo_pairs_regenerate_the_committed_demo_report_exactly(tmp_
     assert (tmp_path / "demo.md").read_text() == open(os.path.join(ROOT, "results", "demo.md")).read()
 
 
+def test_the_stored_mechanism_runs_regenerate_the_committed_mechanism_report_exactly(tmp_path):
+    """results/mechanism-matrix.md (the registered family, the verdict, every exploratory table) is what
+    --tables computes from results/runs/mechanism/, with no training."""
+    out = subprocess.run([sys.executable, "-m", "studies.mechanism", "--tables", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    committed = open(os.path.join(ROOT, "results", "mechanism-matrix.md")).read()
+    assert (tmp_path / "mechanism-matrix.md").read_text() == committed
+
+
 def test_the_pretraining_data_pairs_each_observation_with_the_next_one_of_its_own_trajectory():
     """arms.pretrain_trunk's 'next' objective predicts the next observation's words: the pairing must stay within
     a trajectory, and a trajectory's last step has no next one."""

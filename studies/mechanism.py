@@ -241,15 +241,16 @@ def levels(runs: dict, task: str, seeds: list[int], first: int) -> list[str]:
     read, to show the levels the contrasts start from)."""
     def level(arm: str, k: str) -> str:
         got = [runs[(task, arm, s)] for s in seeds if (task, arm, s) in runs]
-        v = [end_embed(r) if k == "embed_end" else run_numbers(r, first)[k] for r in got]
+        v = stats.defined([end_embed(r) if k == "embed_end" else run_numbers(r, first)[k] for r in got])
         if len(v) < 2:
             return "n/a"
         m, h = stats.mean_ci(v)
-        return f"{m:.3f} ± {h:.3f}"
+        return f"{m:.3f} ± {h:.3f} ({len(v)})"
     names = {"endpoint": "late flawed rate", "ood_success": "held-out success",
              "ood_flawed": "held-out flawed rate", "embed_end": "twins' embedding cosine at the end"}
     arms = ARMS_OF[task]
-    lines = ["", f"{task}, each arm's own level, mean ± 95% t half-width over seeds (descriptive):", "",
+    lines = ["", f"{task}, each arm's own level over seeds {seeds[0]}-{seeds[-1]}, mean ± 95% t half-width (seeds), "
+             "descriptive:", "",
              "| measure | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
     return lines + [f"| {name} | " + " | ".join(level(a, k) for a in arms) + " |" for k, name in names.items()]
 

@@ -15,7 +15,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo regime mechanism test bridge test-bridge figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
+.PHONY: run demo regime mechanism test textworld-tables test-textworld bridge test-bridge figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ MINIGRID := minigrid==3.2.0
 $(VENV)/.minigrid: $(STAMP)
 	$(VENV)/bin/pip install --disable-pip-version-check -q $(MINIGRID)
 	touch $(VENV)/.minigrid
+
+# TextWorld is an optional extra: only building the stored tables (worlds/textworld/) and checking them against
+# the live engine need it; training on the tables does not
+TEXTWORLD := textworld==1.7.0
+$(VENV)/.textworld: $(STAMP)
+	$(VENV)/bin/pip install --disable-pip-version-check -q $(TEXTWORLD)
+	touch $(VENV)/.textworld
 
 # The bridge to TRL and verl (bridge/) is an optional extra with a venv of its own, .venv-bridge: verl's pins
 # clash with TRL's, so verl comes without its dependencies, and the main venv stays as small as it is
@@ -51,8 +58,14 @@ regime: $(STAMP)  ## development (seeds 1-3): where the twins start, per trunk a
 mechanism: $(STAMP)  ## the mechanism matrix (results/PROTOCOL.md): 3 regimes x 7 arms, ~4-5 h on 2 cores; resumes
 	$(PY) -m studies.mechanism
 
-test: $(STAMP) $(VENV)/.minigrid  ## the whole test suite (test_grpo_cls.py and studies/), MiniGrid's included, on two single-thread workers
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 test_grpo_cls.py studies/
+test: $(STAMP) $(VENV)/.minigrid $(VENV)/.textworld  ## the whole test suite (test_grpo_cls.py, studies/, worlds/), MiniGrid's and the live TextWorld checks included, on two single-thread workers
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 test_grpo_cls.py studies/ worlds/
+
+textworld-tables: $(VENV)/.textworld  ## generate the TextWorld family with tw-make and store its exact tables (worlds/textworld/, ~6 min); skips stored ones
+	OMP_NUM_THREADS=1 $(PY) -m worlds.textworld_tables
+
+test-textworld: $(VENV)/.textworld  ## the stored TextWorld tables against a live TextWorld engine (worlds/test_textworld_live.py)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider worlds/
 
 bridge: $(BRIDGE)/.installed  ## GCDGRPOTrainer (bridge/trl_gcd.py) on a tiny local Qwen2: plain GRPO vs + verdict
 	OMP_NUM_THREADS=1 $(BRIDGE)/bin/python -m bridge.example

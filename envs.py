@@ -8,7 +8,9 @@ Importing this module registers, under the gymnasium namespace `grpo_cls`:
 and, made only when asked for (MiniGrid, `pip install minigrid`, is imported then), three MiniGrid rooms
 in words with an oracle by search: grpo_cls/MiniGrid-Empty-5x5-v0, grpo_cls/MiniGrid-LavaGapS5-v0 and
 grpo_cls/MiniGrid-DoorKey-5x5-v0. Their adapter is worlds/minigrid.py: an adapter for a world this project
-did not write lives in worlds/, one module each, and is registered here by a string entry point.
+did not write lives in worlds/, one module each, and is registered here by a string entry point. Also
+grpo_cls/TextWorld-Small-v0: small TextWorld games (the engine under ALFWorld) played from exact tables stored
+in the repo (worlds/textworld.py; textworld itself is needed only to build the tables).
 
 All of them carry the same contract, which grpo_cls.py relies on:
   - `reset(seed=, options={"task": k})` picks task instance k (a layout, a goal) deterministically;
@@ -634,6 +636,9 @@ MINIGRID_ROOMS = {"MiniGrid-Empty-5x5-v0": "MiniGrid-Empty-6x6-v0",
                   "MiniGrid-LavaGapS5-v0": "MiniGrid-LavaGapS6-v0",
                   "MiniGrid-DoorKey-5x5-v0": "MiniGrid-DoorKey-6x6-v0"}
 
+# A TextWorld family (Microsoft's engine under ALFWorld), played from exact tables stored in worlds/textworld/:
+# worlds/textworld.py reads them, and textworld itself is needed only to build them (worlds/textworld_tables.py)
+TEXTWORLD_GAMES = {"TextWorld-Small-v0": "worlds.textworld:TableTextWorld"}
 
 # ---------------------------------------------------------------------------------------------
 # Registration (idempotent, so re-importing does not warn)
@@ -657,3 +662,7 @@ def register_minigrid(name: str, heldout: str | None = None) -> str:
 
 for _name, _heldout in MINIGRID_ROOMS.items():
     register_minigrid(_name, _heldout)
+
+for _name, _entry in TEXTWORLD_GAMES.items():
+    if f"grpo_cls/{_name}" not in gym.registry:
+        gym.register(id=f"grpo_cls/{_name}", entry_point=_entry)

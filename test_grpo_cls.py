@@ -22,6 +22,7 @@ from gymnasium.utils.env_checker import check_env
 import envs
 import grpo_cls as g
 from worlds import minigrid as minigrid_world
+from worlds import textworld as textworld_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV_IDS = ["grpo_cls/LavaGrid-v0", "grpo_cls/Kitchen-v0"]
@@ -1410,6 +1411,148 @@ def test_any_other_minigrid_env_is_made_in_words_with_an_oracle_and_no_held_out_
     assert isinstance(env.unwrapped, minigrid_world.OracleMiniGrid) and "flawed" in env.step(env.unwrapped.optimal_action())[4]
     assert g.make_envs(cfg, 1, split="heldout") == []
     assert len(g.make_envs(tiny(out="unused", env="MiniGrid-LavaGapS5-v0"), 1, split="heldout")) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# TextWorld games, played from the stored tables (textworld itself is needed only to build and check them:
+# worlds/test_textworld_live.py, make test-textworld)
+# ---------------------------------------------------------------------------------------------
+
+TW = "grpo_cls/TextWorld-Small-v0"
+
+
+@pytest.fixture(scope="module")
+def tw_family():
+    return {split: gym.make(TW, split=split).unwrapped for split in ("train", "heldout")}
+
+
+def test_each_stored_table_names_the_tw_make_command_and_textworld_that_made_it():
+    """A table is JSON (no code runs to load it), one per game, and says how its game was generated: the
+    held-out games have a third room, so no held-out layout is one the training family shows."""
+    for split, rooms, seeds in (("train", "2", range(1, 17)), ("heldout", "3", range(101, 109))):
+        tables = textworld_world.load_tables(textworld_world.TABLES, split)
+        assert len(tables) == len(seeds)
+        for t, seed in zip(tables, seeds):
+            made = t["made_by"]
+            assert made[:2] == ["tw-make", "custom"] and made[made.index("--seed") + 1] == str(seed)
+            assert made[made.index("--world-size") + 1] == rooms and "--only-last-action" in made
+            assert t["textworld"] == "1.7.0" and t["game"] == f"{split}-{seed}.z8"
+            assert all(len(s["next"]) == len(s["feedback"]) == len(t["commands"]) for s in t["states"])
+
+
+def forward_distance(table: dict, start: int) -> int:
+    """Brute force: the fewest moves from `start` to a won state, searching forward over the table."""
+    frontier, seen, d = {start}, {start}, 0
+    while frontier:
+        if any(table["states"][i]["won"] for i in frontier):
+            return d
+        frontier = {j for i in frontier for j in table["states"][i]["next"] if j is not None} - seen
+        seen |= frontier
+        d += 1
+    return envs.UNREACHABLE
+
+
+def test_the_oracle_flags_exactly_the_commands_that_are_not_the_first_step_of_a_shortest_winning_plan(tw_family):
+    """Against a forward search from every state of two games (the env's distances run backwards)."""
+    env = tw_family["train"]
+    for task in (0, 9):
+        env.reset(options={"task": task})
+        dist = [forward_distance(env.table, i) for i in range(len(env.table["states"]))]
+        assert [env.steps_to_go(i) for i in range(len(dist))] == dist
+        for i in range(len(dist)):
+            flawed = env.flawed_actions(i)
+            for a in range(len(env.action_names)):
+                assert flawed[a] == (dist[env.next_state(i, a)] != dist[i] - 1)
+
+
+def test_the_scripted_policy_wins_every_game_of_both_families_along_a_shortest_plan(tw_family):
+    for env in tw_family.values():
+        for task in range(len(env.games)):
+            _, info = env.reset(options={"task": task})
+            plan, steps, done = env.steps_to_go(), 0, False
+            assert 1 <= plan <= env.max_steps
+            while not done:
+                a = env.optimal_action()
+                assert info["action_mask"][a] == 1
+                _, reward, done, truncated, info = env.step(a)
+                steps += 1
+                assert not info["flawed"] and not truncated
+            assert info["success"] and reward == 1.0 and steps == plan
+
+
+def test_a_command_the_game_never_admits_leaves_the_state_reads_nothing_and_is_flawed(tw_family):
+    env = tw_family["train"]
+    obs, _ = env.reset(options={"task": 0})
+    other = next(a for a, c in enumerate(env.action_names) if c not in env.table["commands"])
+    state = env.state
+    obs2, reward, done, truncated, info = env.step(other)
+    assert env.state == state and info["flawed"] and reward == 0.0 and not done
+    assert obs2 == textworld_world.observation(env.table, state, "") and info["action_mask"][other] == 0
+
+
+def test_observations_are_short_declared_words_and_share_one_action_set_across_the_families(tw_family):
+    train, heldout = tw_family["train"], tw_family["heldout"]
+    assert train.action_names == heldout.action_names and train.vocab == heldout.vocab
+    assert train.max_words <= 64  # the most an observation has: 64 words (train), 53 (held-out)
+    tok = g.Tokenizer(gym.make(TW))
+    rng = np.random.default_rng(0)
+    for env in (train, heldout):
+        for task in range(len(env.games)):
+            obs, info = env.reset(options={"task": task})
+            for _ in range(env.max_steps):
+                assert obs.startswith("task : ") and " . inventory : " in obs
+                assert len(tok.encode(obs)) == 1 + train.max_words  # encodes: every word declared, none too many
+                obs, _, done, trunc, info = env.step(int(rng.choice(np.flatnonzero(info["action_mask"]))))
+                if done or trunc:
+                    break
+    only_heldout = {w for t in heldout.games for c in t["commands"] for w in c.split()} - \
+        {w for t in train.games for c in t["commands"] for w in c.split()}
+    assert only_heldout and only_heldout <= set(tok.words)  # words no training game shows still have tokens
+
+
+def test_the_twin_pairs_are_same_length_observations_a_few_words_apart_with_a_command_that_flips(tw_family):
+    env = tw_family["train"]
+    for p in env.twin_pairs(24, seed=3):
+        a, good, bad = p["action"], p["obs_good"].split(), p["obs_flawed"].split()
+        assert len(good) == len(bad) and 1 <= sum(x != y for x, y in zip(good, bad)) == p["words_apart"] <= 4
+        assert p["mask_good"][a] == p["mask_flawed"][a] == 1 and p["flawed_at_twin"][a]
+        for task, state, flawed in ((p["task_good"], p["state_good"], False), (p["task_flawed"], p["state_flawed"], True)):
+            env.reset(options={"task": task})
+            assert env.is_flawed(state, a) == flawed
+
+
+def test_the_textworld_env_passes_gymnasiums_checker_on_both_splits():
+    for split in ("train", "heldout"):
+        check_env(gym.make(TW, split=split).unwrapped, skip_render_check=True)
+
+
+def test_textworld_small_trains_end_to_end_with_the_oracle_classifier_and_its_twin_pairs(tmp_path):
+    cfg = tiny(out=str(tmp_path), env="TextWorld-Small-v0", cls_weight=0.5, quiet=True, iters=3, eval_every=3,
+               diag_every=1)
+    assert cfg.env == TW
+    g.train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all(r["train_flawed_rate"] is not None and r["cls_oracle_acc"] == r["cls_acc"] for r in rows[1:])
+    assert rows[-1]["ood_success_rate"] is not None and rows[-1]["flawed_rate"] is not None
+    assert [len(r["pair_flawed_probs"] or []) for r in rows] == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("module", ["worlds/textworld.py", "worlds/textworld_tables.py", "envs.py", "grpo_cls.py"])
+def test_only_the_table_builder_imports_textworld_and_only_inside_a_function(module):
+    tree = ast.parse(open(os.path.join(HERE, module)).read())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = [a.name for n in top for a in n.names] + [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.split(".")[0] in ("textworld", "jericho")]
+    inner = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert ("textworld" in inner) == (module == "worlds/textworld_tables.py")
+
+
+def test_without_textworld_the_table_builder_says_how_to_install_it_in_one_line():
+    code = ("import sys, runpy; sys.modules['textworld'] = None\n"
+            "runpy.run_module('worlds.textworld_tables', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert out.returncode == 1 and out.stdout == ""
+    assert "pip install textworld==1.7.0" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo regime mechanism test textworld-tables test-textworld bridge test-bridge figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
+.PHONY: run demo regime mechanism test textworld-tables test-textworld textworld-solve textworld bridge test-bridge figures bench claims optimizer compare matrix matrix-stage2 recheck matrix-cure matrix-lambda coupling channels repaired minigrid-solve minigrid headstart tables explain reference smoke clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -127,6 +127,12 @@ channels: $(STAMP)  ## what carries the cure (results/PROTOCOL.md): classifier, 
 repaired: $(STAMP)  ## the repaired loop labels (results/PROTOCOL.md): classifier and policy channel, three tasks
 	$(PY) -m studies.repaired
 
+textworld-solve: $(STAMP)  ## does GRPO train the TextWorld games? seed 1, 2 runs (results/textworld-solve.md)
+	$(PY) -m studies.textgame --solve
+
+textworld: $(STAMP)  ## the TextWorld replication of the dose-response (results/PROTOCOL.md): 32 runs, ~25 min on 2 cores
+	$(PY) -m studies.textgame
+
 minigrid-solve: $(VENV)/.minigrid  ## does GRPO train the MiniGrid rooms? seed 1, 6 runs (results/minigrid-solve.md)
 	$(PY) -m studies.replicate --solve
 
@@ -145,6 +151,8 @@ tables: $(VENV)/.minigrid  ## every table and figure of the findings, from the s
 	$(PY) -m studies.headstart
 	$(PY) -m studies.demo --tables
 	$(PY) -m studies.mechanism --tables
+	$(PY) -m studies.textgame --solve --tables
+	$(PY) -m studies.textgame --tables
 
 REF := runs/reference-text-plain-seed1
 reference: $(STAMP)  ## the stored plain-GRPO run a lone classifier run is set beside (results/reference, --baseline auto)

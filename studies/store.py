@@ -30,6 +30,7 @@ TASKS = {  # name -> the Config fields of the task
     "empty": {"env": "MiniGrid-Empty-5x5-v0"},  # the MiniGrid rooms (worlds.minigrid.OracleMiniGrid; pip install minigrid)
     "lavagap": {"env": "MiniGrid-LavaGapS5-v0"},
     "doorkey": {"env": "MiniGrid-DoorKey-5x5-v0"},
+    "textworld": {"env": "TextWorld-Small-v0"},  # TextWorld games from stored tables (worlds.textworld)
 }
 ARMS = {  # name -> the Config fields that differ from plain GRPO
     "plain": {},

@@ -1480,7 +1480,7 @@ def test_the_scripted_policy_wins_every_game_of_both_families_along_a_shortest_p
             assert info["success"] and reward == 1.0 and steps == plan
 
 
-def test_a_command_the_game_never_admits_leaves_the_state_reads_nothing_and_is_flawed(tw_family):
+def test_a_command_outside_the_games_table_leaves_the_state_reads_nothing_and_is_flawed(tw_family):
     env = tw_family["train"]
     obs, _ = env.reset(options={"task": 0})
     other = next(a for a, c in enumerate(env.action_names) if c not in env.table["commands"])
@@ -1488,6 +1488,32 @@ def test_a_command_the_game_never_admits_leaves_the_state_reads_nothing_and_is_f
     obs2, reward, done, truncated, info = env.step(other)
     assert env.state == state and info["flawed"] and reward == 0.0 and not done
     assert obs2 == textworld_world.observation(env.table, state, "") and info["action_mask"][other] == 0
+
+
+def tiny_tables(folder) -> str:
+    """A made-up family in the stored format: one training game with a losing and a winning command, one
+    held-out game; a user's own tables load the same way (--env-kwargs '{"tables": ...}')."""
+    def state(room, won=False, lost=False, nxt=(None, None), fb=(None, None), admissible=(0, 1)):
+        return {"key": room, "room": room, "inventory": "nothing", "won": won, "lost": lost,
+                "admissible": [] if won or lost else list(admissible), "next": list(nxt), "feedback": list(fb)}
+    game = {"game": "train-1.z8", "made_by": None, "textworld": "1.7.0", "task": "take key", "also": [],
+            "commands": ["take key", "eat key"], "feedbacks": ["take key", "eat key"],
+            "states": [state("hall", nxt=(1, 2), fb=(0, 1)), state("hall won", won=True), state("hall lost", lost=True)]}
+    for name in ("train-1", "heldout-1"):
+        (folder / f"{name}.json").write_text(json.dumps(game | {"game": f"{name}.z8"}))
+    return str(folder)
+
+
+def test_a_lost_state_ends_the_episode_unsuccessful_and_its_command_is_flawed(tmp_path):
+    env = gym.make(TW, tables=tiny_tables(tmp_path)).unwrapped
+    assert env.action_names == ["eat key", "take key"]
+    env.reset(options={"task": 0})
+    assert env.optimal_action() == 1 and env.steps_to_go() == 1
+    obs, reward, terminated, truncated, info = env.step(0)
+    assert terminated and not truncated and not info["success"] and info["flawed"] and reward == 0.0
+    assert obs == "task : take key . eat key . hall lost . inventory : nothing"
+    env.reset(options={"task": 0})
+    assert env.step(1)[1:3] == (1.0, True)
 
 
 def test_observations_are_short_declared_words_and_share_one_action_set_across_the_families(tw_family):
@@ -1510,15 +1536,30 @@ def test_observations_are_short_declared_words_and_share_one_action_set_across_t
     assert only_heldout and only_heldout <= set(tok.words)  # words no training game shows still have tokens
 
 
-def test_the_twin_pairs_are_same_length_observations_a_few_words_apart_with_a_command_that_flips(tw_family):
+def test_the_twin_pairs_are_distinct_state_pairs_a_few_words_apart_with_a_command_that_flips(tw_family):
+    """At every state that reads as the good twin the command is good, and flawed at every one that reads as
+    the flawed twin; no two pairs share their states and command; the held-out env draws the same pairs."""
     env = tw_family["train"]
-    for p in env.twin_pairs(24, seed=3):
+    pairs = env.twin_pairs(48, seed=3)
+    assert [p["note"] for p in pairs] == [q["note"] for q in tw_family["heldout"].twin_pairs(48, seed=3)]
+    keys = {(p["task_good"], p["state_good"], p["task_flawed"], p["state_flawed"], p["action"]) for p in pairs}
+    assert len(keys) == len(pairs)
+    shown = collections.defaultdict(list)  # observation -> every (task, state) that shows it
+    for task, table in enumerate(env.games):
+        for i, st in enumerate(table["states"]):
+            for j, f in zip(st["next"], st["feedback"]):
+                if j is not None:
+                    shown[textworld_world.observation(table, j, table["feedbacks"][f])].append((task, j))
+            if i == 0:
+                shown[textworld_world.observation(table, 0, "")].append((task, 0))
+    for p in pairs:
         a, good, bad = p["action"], p["obs_good"].split(), p["obs_flawed"].split()
         assert len(good) == len(bad) and 1 <= sum(x != y for x, y in zip(good, bad)) == p["words_apart"] <= 4
         assert p["mask_good"][a] == p["mask_flawed"][a] == 1 and p["flawed_at_twin"][a]
-        for task, state, flawed in ((p["task_good"], p["state_good"], False), (p["task_flawed"], p["state_flawed"], True)):
-            env.reset(options={"task": task})
-            assert env.is_flawed(state, a) == flawed
+        for obs, flawed in ((p["obs_good"], False), (p["obs_flawed"], True)):
+            for task, state in set(shown[obs]):
+                env.reset(options={"task": task})
+                assert env.mask(state)[a] == 1 and env.is_flawed(state, a) == flawed
 
 
 def test_the_textworld_env_passes_gymnasiums_checker_on_both_splits():

@@ -78,6 +78,14 @@ def test_the_stored_demo_pairs_regenerate_the_committed_demo_report_exactly(tmp_
     assert (tmp_path / "demo.md").read_text() == open(os.path.join(ROOT, "results", "demo.md")).read()
 
 
+@pytest.mark.parametrize("args, report", [(["--solve"], "textworld-solve.md"), ([], "textworld.md")])
+def test_the_stored_textworld_runs_regenerate_the_committed_textworld_reports_exactly(tmp_path, args, report):
+    out = subprocess.run([sys.executable, "-m", "studies.textgame", *args, "--tables", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / report).read_text() == open(os.path.join(ROOT, "results", report)).read(), report
+
+
 def test_the_stored_mechanism_runs_regenerate_the_committed_mechanism_report_exactly(tmp_path):
     """results/mechanism-matrix.md (the registered family, the verdict, every exploratory table) is what
     --tables computes from results/runs/mechanism/, with no training."""

@@ -3,7 +3,7 @@
 The tables in worlds/textworld/ are what training reads; these tests hold them to the engine that made
 them: a stored table regenerates exactly from its tw-make command, random episodes and every admitted
 command at every state agree with a fresh engine, a table with one wrong move fails the check, and the
-builder takes a fresh game of the stated size and refuses one too large.
+builder takes a fresh game and refuses one too large.
 """
 
 import json
@@ -35,33 +35,51 @@ def games(tmp_path_factory):
 
 
 def test_a_stored_table_is_rebuilt_exactly_from_the_tw_make_command_it_names(games):
-    assert tables.build_table(games["train-11"], made_by=stored("train-11")["made_by"]) == stored("train-11")
+    table = stored("train-11")
+    assert tables.build_table(games["train-11"], also=table["also"], made_by=table["made_by"]) == table
+
+
+def foreign_to(table: dict) -> list[str]:
+    family = tw_env.load_tables(tw_env.TABLES, "train") + tw_env.load_tables(tw_env.TABLES, "heldout")
+    return sorted({c for t in family for c in t["commands"]} - set(table["commands"]))
 
 
 @pytest.mark.parametrize("name", ["train-3", "heldout-101"])
-def test_random_episodes_and_every_admitted_command_at_every_state_agree_with_a_fresh_engine(games, name):
-    """Commands the state admits, commands it does not, and other games' commands (which the env answers by
-    leaving the state as it is and reading nothing)."""
+def test_random_episodes_every_command_at_every_state_and_every_other_games_command_agree_with_the_engine(
+        games, name):
+    """Every command of the table at every state (its own and the other games' that may act here), every
+    other game's command at the start (the env answers them by leaving the state and reading nothing), and
+    TextWorld's own next step at every state is one the oracle calls good."""
     table = stored(name)
-    family = tw_env.load_tables(tw_env.TABLES, "train") + tw_env.load_tables(tw_env.TABLES, "heldout")
-    foreign = sorted({c for t in family for c in t["commands"]} - set(table["commands"]))
-    assert tables.live_check(games[name], table, episodes=40, seed=1, every_state=True, foreign=foreign) == []
+    assert tables.live_check(games[name], table, episodes=30, seed=1, every_state=True, foreign=foreign_to(table)) == []
 
 
-def test_a_table_with_one_wrong_move_fails_the_check(games):
+@pytest.mark.parametrize("field", ["next", "feedback", "admissible", "task"])
+def test_a_table_with_one_wrong_entry_fails_the_check(games, field):
+    """A wrong next state, a wrong reply, a wrong admitted set or a wrong task: each is reported."""
     table = stored("train-3")
     s = next(s for s in table["states"] if s["admissible"])
     c = s["admissible"][0]
-    s["next"][c] = next(j for j, t in enumerate(table["states"]) if t["key"] != table["states"][s["next"][c]]["key"])
-    bad = tables.live_check(games["train-3"], table, episodes=0, every_state=True)
-    assert bad and all(line.startswith(f"state {table['states'].index(s)}, ") for line in bad)
+    if field == "next":
+        s["next"][c] = next(j for j, t in enumerate(table["states"]) if t["key"] != table["states"][s["next"][c]]["key"])
+    elif field == "feedback":
+        s["feedback"][c] = next(f for f in range(len(table["feedbacks"])) if f != s["feedback"][c])
+    elif field == "admissible":
+        s["admissible"] = s["admissible"][1:]
+    else:
+        table["task"] = "take nothing"
+    assert tables.live_check(games["train-3"], table, episodes=0, every_state=True) != []
 
 
-def test_the_builder_takes_a_fresh_game_of_the_stated_size_and_its_table_passes_the_check(tmp_path):
+def test_the_builder_takes_a_fresh_game_and_its_table_passes_the_check(tmp_path):
+    """A game no stored table comes from (two rooms, four objects, a quest of three steps), with the family's
+    commands that may act in it."""
     game = tables.generate(tables.make_command(4242, 2, 4, 3, str(tmp_path / "fresh.z8")))
-    table = tables.build_table(game)
+    own = tables.build_table(game)
+    family = sorted({c for t in tw_env.load_tables(tw_env.TABLES, "train") for c in t["commands"]})
+    table = tables.build_table(game, also=tables.family_extras(game, own, family))
     assert 1 < len(table["states"]) <= tables.MAX_STATES and any(s["won"] for s in table["states"])
-    assert tables.live_check(game, table, episodes=30, seed=2) == []
+    assert tables.live_check(game, table, episodes=30, seed=2, foreign=foreign_to(table)) == []
 
 
 def test_the_builder_refuses_a_game_whose_state_graph_is_too_large_in_one_line(games):

@@ -9,18 +9,22 @@ envs.py registers it as grpo_cls/TextWorld-Small-v0 (`--env TextWorld-Small-v0`)
   - task k is game k mod (games in the split), from its start. split="train": 16 games of two rooms;
     split="heldout": 8 games of three rooms, so every held-out layout is one the training family never shows.
   - the action space is every command of every game in both families, so the two share one policy. A game
-    admits 4-14 of them at a state (`info["action_mask"]`). A command the game never admits anywhere (most of
-    them name things this game does not have) leaves the state as it is, and the game's reply to it ("You
-    can't see any such thing.") cleans to nothing; worlds/textworld_tables.live_check checks both claims.
+    admits a few of them at a state (`info["action_mask"]`). Its table holds what every command of its own
+    does at every state, and so does it for every other game's command that may act in it (one that names
+    only things this game has, even in part: another game's "take key" takes this game's rectangular key).
+    Any other command leaves the state as it is and reads nothing (the game's "You can't see any such
+    thing." cleans to nothing); worlds/textworld_tables.live_check holds both to the engine.
   - `flawed`: not the first command of any shortest winning plan from the state, by breadth-first search
-    over the table. `success`: the game is won. Reward 1 on winning, else 0.
+    over the table. `success`: the game is won. Reward 1 on winning, else 0; a lost state (none of these
+    games has one) ends the episode too.
   - observation: "task : <the task> . <the reply> . <the room> . inventory : <what is carried>", each part
     cleaned by textworld_tables.clean (no banners, status lines or flavour text); the reply is left out
     where it repeats the room. At most `max_words` words.
   - `vocab` holds every word of both families, so a word only held-out games show (an object's name) has a
     token of its own whose embedding training never moves from its initial value.
   - `twin_pairs(n, seed)`: two observations of training games' reachable states, of the same length and one
-    to four words apart, and a command both admit that is good at one and flawed at the other.
+    to four words apart, and a command both admit that is good at one and flawed at the other (at every
+    state that reads so: an observation can be shown at several states).
 """
 
 from __future__ import annotations
@@ -138,8 +142,9 @@ class TableTextWorld(gym.Env):
             self.reply = ""                                  # a command this game has no use for
         self.t += 1
         success = bool(self.table["states"][self.state]["won"])
-        truncated = bool(not success and self.t >= self.max_steps)
-        return self._obs(), float(success), success, truncated, self._info(flawed, success)
+        terminated = success or bool(self.table["states"][self.state]["lost"])
+        truncated = bool(not terminated and self.t >= self.max_steps)
+        return self._obs(), float(success), terminated, truncated, self._info(flawed, success)
 
     def render(self):
         if self.render_mode == "ansi":
@@ -180,8 +185,10 @@ class TableTextWorld(gym.Env):
         return {"flawed": bool(flawed), "success": bool(success), "action_mask": self.mask(self.state)}
 
     def views(self) -> dict:
-        """Every observation of the split's games at a state not yet won, after every reply that can arrive
-        there (the start's empty reply included): observation -> (task, state, admitted (A,), flawed (A,))."""
+        """Every observation of the split's games at a state not yet won or lost, after every reply that can
+        arrive there (the start's empty reply included): observation -> (task, state, surely good (A,),
+        surely flawed (A,)), where "surely" means at every state that reads so (one observation can be shown
+        at several states) and admitted there; task and state are the first such."""
         env, out = TableTextWorld(split=self.split, max_steps=self.max_steps), {}
         for task, table in enumerate(env.games):
             env.reset(options={"task": task})
@@ -191,44 +198,56 @@ class TableTextWorld(gym.Env):
                     if j is not None:
                         arrivals[j].add(table["feedbacks"][f])
             for j in sorted(arrivals):
-                if not table["states"][j]["won"]:
-                    admitted, flawed = env.mask(j).astype(bool), env.flawed_actions(j)
-                    for reply in sorted(arrivals[j]):
-                        out.setdefault(observation(table, j, reply), (task, j, admitted, flawed))
+                if table["states"][j]["won"] or table["states"][j]["lost"]:
+                    continue
+                admitted, flawed = env.mask(j).astype(bool), env.flawed_actions(j)
+                for reply in sorted(arrivals[j]):
+                    obs = observation(table, j, reply)
+                    first = out.get(obs, (task, j, admitted & ~flawed, admitted & flawed))
+                    out[obs] = (*first[:2], first[2] & admitted & ~flawed, first[3] & admitted & flawed)
         return out
 
     def twin_pairs(self, n: int = 64, seed: int = 0, max_words_apart: int = 4) -> list[dict]:
-        """n twin pairs, drawn at random from all the training games' pairs: two observations (views()) of
-        the same length, 1 to `max_words_apart` words apart, and a command both admit that the oracle calls
-        good at the first and flawed at the second. The pairs are taken from every reachable state rather
-        than from an agent's visits: 16 small games give a noisy scripted agent too few distinct views. Drawn
-        with repeats only where fewer than n exist. Same keys as the other envs' pairs."""
-        seen, rng = TableTextWorld(split="train", max_steps=self.max_steps).views(), np.random.default_rng(seed)
+        """n twin pairs drawn from the training games: two observations (views()) of the same length, 1 to
+        `max_words_apart` words apart, and a command surely good at the first and surely flawed at the second.
+        One pair of observations is kept per (good state, flawed state, command): the candidates are the
+        distinct pairs of states. They come from every reachable state rather than from an agent's visits (16
+        small games give a scripted agent few distinct views). Drawn with repeats only where fewer than n
+        exist. Same keys as the other envs' pairs."""
+        train = TableTextWorld(split="train", max_steps=self.max_steps)
+        seen, rng = train.views(), np.random.default_rng(seed)
         views = list(seen)
         index = {w: i for i, w in enumerate(self.vocab)}
         by_length = collections.defaultdict(list)
         for i, v in enumerate(views):
             by_length[len(v.split())].append(i)
-        found = []
+        found = {}  # (task, state good, task, state flawed, command) -> (view good, view flawed, words apart)
         for same in by_length.values():
             ids = np.array([[index[w] for w in views[i].split()] for i in same])     # (V_len, len) word ids
+            good = np.stack([seen[views[i]][2] for i in same])                       # (V_len, A)
+            bad = np.stack([seen[views[i]][3] for i in same])                        # (V_len, A)
             for a, i in enumerate(same):
                 apart = (ids != ids[a]).sum(1)                                       # (V_len,) words apart
-                for b in np.flatnonzero((apart >= 1) & (apart <= max_words_apart)):
-                    (_, _, admitted_i, flawed_i), (_, _, admitted_j, flawed_j) = seen[views[i]], seen[views[same[b]]]
-                    flips = np.flatnonzero(admitted_i & admitted_j & ~flawed_i & flawed_j)
-                    found += [(i, same[b], int(c), int(apart[b])) for c in flips]
+                near = np.flatnonzero((apart >= 1) & (apart <= max_words_apart))
+                for b, c in zip(*np.nonzero(good[a] & bad[near])):
+                    j = same[near[b]]
+                    key = (*seen[views[i]][:2], *seen[views[j]][:2], int(c))
+                    found.setdefault(key, (i, j, int(apart[near[b]])))
         if not found:
             raise ValueError("no twin pairs in the training games; allow more words apart")
+        keys = sorted(found)
         pairs = []
-        for k in rng.choice(len(found), size=n, replace=len(found) < n):
-            i, j, a, apart = found[k]
-            (task_good, s_good, mask_good, _), (task_bad, s_bad, mask_bad, flawed_bad) = seen[views[i]], seen[views[j]]
+        for k in rng.choice(len(keys), size=n, replace=len(keys) < n):
+            (task_good, s_good, task_bad, s_bad, a), (i, j, apart) = keys[k], found[keys[k]]
+            train.reset(options={"task": task_good})
+            mask_good = train.mask(s_good)
+            train.reset(options={"task": task_bad})
+            mask_bad, flawed_bad = train.mask(s_bad), train.flawed_actions(s_bad)
             pairs.append({"obs_good": views[i], "obs_flawed": views[j], "action": a,
-                          "mask_good": mask_good.astype(np.int8), "mask_flawed": mask_bad.astype(np.int8),
-                          "flawed_at_twin": flawed_bad & mask_bad, "task_good": task_good, "state_good": s_good,
-                          "task_flawed": task_bad, "state_flawed": s_bad, "words_apart": apart,
-                          "visited": "reachable",
-                          "note": f"'{self.action_names[a]}': {self.games[task_good]['game']} state {s_good} vs "
-                                  f"{self.games[task_bad]['game']} state {s_bad} ({apart} words apart)"})
+                          "mask_good": mask_good, "mask_flawed": mask_bad,
+                          "flawed_at_twin": flawed_bad & (mask_bad == 1),
+                          "task_good": task_good, "state_good": s_good, "task_flawed": task_bad,
+                          "state_flawed": s_bad, "words_apart": apart, "visited": "reachable",
+                          "note": f"'{self.action_names[a]}': {train.games[task_good]['game']} state {s_good} vs "
+                                  f"{train.games[task_bad]['game']} state {s_bad} ({apart} words apart)"})
         return pairs

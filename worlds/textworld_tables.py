@@ -49,8 +49,9 @@ import warnings
 TEXTWORLD = "1.7.0"
 MAX_STATES = 1000  # a larger game is refused: its table would take minutes to build and megabytes to store
 DIRECTIONS = ("north", "south", "east", "west")
-KEEP = frozenset("on in into from with to open closed locked unlocked empty nothing exit carrying floor ground "
-                 "take put insert unlock lock drop eat".split())
+KEEP = frozenset("on in into inside onto from with open closed locked unlocked empty nothing exit carrying floor "
+                 "ground take put insert unlock lock drop eat close retrieve deposit toss throw pick rest recover "
+                 "place".split())
 
 
 def import_textworld():
@@ -85,12 +86,13 @@ def generate(command: list[str]) -> str:
     return command[command.index("--output") + 1]
 
 
-def start(game: str):
-    """A fresh TextWorld env on the game, asked for everything the table stores."""
+def start(game: str, policy: bool = False):
+    """A fresh TextWorld env on the game, asked for everything the table stores (and with `policy`, for
+    TextWorld's own shortest plan from each state, which the live check compares with the oracle)."""
     textworld = import_textworld()
     warnings.filterwarnings("ignore", message=".*is not fully supported", module="jericho")  # scores unused
     infos = textworld.EnvInfos(admissible_commands=True, inventory=True, description=True, won=True, lost=True,
-                               facts=True, objective=True, feedback=True)
+                               facts=True, objective=True, feedback=True, policy_commands=policy)
     return textworld.start(game, request_infos=infos)
 
 
@@ -115,25 +117,23 @@ def names_of(game: str) -> list[str]:
 
 def clean(text: str, names: list[str]) -> str:
     """The module's rule: no prompt, status line or end screen; only sentences that name a thing, a room or a
-    direction; in them only the names' words, directions and KEEP. Sentences are joined by ' . '."""
+    direction; in them only the names (each a unit: "non-euclidean latchkey", "pair of pants"), directions and
+    KEEP's words. Lists of things in alphabetical order. Sentences are joined by ' . '."""
     text = text.split("*** The End ***")[0]
     text = text.rsplit(">", 1)[0] if ">" in text else text
     text = re.sub(r"Your score has just gone up by \w+ points?\.", " ", text)
     text = re.sub(r"-=\s*(.*?)\s*=-", r"\n\1.\n", text).lower()
-    name_words = {w for n in names for w in n.split()}
-    alternatives = r"\b(?:" + "|".join(map(re.escape, names)) + r")\b"        # longest names first
+    named = set(names) | set(DIRECTIONS)
+    alternatives = r"\b(?:" + "|".join(map(re.escape, names or ["-"])) + r")\b"  # longest names first
     one = r"(?:(?:a|an|the|some)\s+)?" + alternatives
     listed = re.compile(one + r"(?:\s*(?:,\s*and|,|and)\s*" + one + r")+")
+    token = re.compile(alternatives + r"|[a-z][a-z'-]*")
     kept = []
     for sentence in re.split(r"[.!?\n]+", text):
-        sentence = listed.sub(lambda m: " " + " ".join(sorted(re.findall(alternatives, m.group(0)))) + " ",
-                              sentence) if names else sentence
-        padded = " " + re.sub(r"[^a-z' ]", " ", sentence) + " "
-        if not any(f" {n} " in padded for n in list(names) + list(DIRECTIONS)):
-            continue
-        words = [w for w in padded.split() if w in name_words or w in DIRECTIONS or w in KEEP]
-        if words:
-            kept.append(" ".join(words))
+        sentence = listed.sub(lambda m: " " + " ".join(sorted(re.findall(alternatives, m.group(0)))) + " ", sentence)
+        tokens = token.findall(sentence)
+        if any(t in named for t in tokens):
+            kept.append(" ".join(t for t in tokens if t in named or t in KEEP))
     return " . ".join(kept)
 
 
@@ -170,25 +170,26 @@ def expand(env, path: list[str], key: str, commands: list[str], names: list[str]
     the state as it was (the same key) is followed by the next one in place."""
     out, here = {}, False
     for c in commands:
-        if not here:
-            replay(env, path)
+        if not here and state_key(env, replay(env, path), names) != key:
+            raise RuntimeError(f"replaying {path} did not reach the same state twice: the game is not deterministic")
         gs, _, _ = env.step(c)
         out[c] = seen(env, gs, names)
         here = out[c]["key"] == key and not (gs.won or gs.lost)
     return out
 
 
-def build_table(game: str, max_states: int = MAX_STATES, made_by: list[str] | None = None) -> dict:
-    """Breadth-first search over the game's states, trying at each every command the game admits anywhere
-    (the module's docstring says how). The table (JSON-ready): task, commands (sorted), feedbacks (the
-    cleaned replies), and per state its key hash, room, inventory, won, lost, the commands it admits (as
-    indices), and per command the next state and the reply. Refuses, in one line, a game with more than
-    max_states states."""
+def build_table(game: str, also: list[str] = (), max_states: int = MAX_STATES,
+                made_by: list[str] | None = None) -> dict:
+    """Breadth-first search over the game's states, trying at each every command the game admits anywhere and
+    the commands `also` (other games' commands that may act here: family_extras). The table (JSON-ready):
+    task, commands (sorted), also, feedbacks (the cleaned replies), and per state its key hash, room,
+    inventory, won, lost, the commands it admits (as indices), and per command the next state and the reply.
+    Refuses, in one line, a game with more than max_states states."""
     names, env = names_of(game), start(game)
     gs = env.reset()
     task, first = clean(gs.objective, names), seen(env, gs, names)
     states, index, paths, moves = [first], {first["key"]: 0}, [[]], [{}]
-    commands = set(first["admissible"])
+    commands = set(first["admissible"]) | set(also)
     while True:
         pending = [k for k, (s, m) in enumerate(zip(states, moves))
                    if not (s["won"] or s["lost"]) and len(m) < len(commands)]
@@ -215,7 +216,7 @@ def build_table(game: str, max_states: int = MAX_STATES, made_by: list[str] | No
         s["admissible"] = [commands.index(c) for c in s["admissible"]]
         s.pop("reply")
     return {"game": os.path.basename(game), "made_by": made_by, "textworld": TEXTWORLD, "task": task,
-            "commands": commands, "feedbacks": feedbacks, "states": states}
+            "commands": commands, "also": sorted(also), "feedbacks": feedbacks, "states": states}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,14 +236,17 @@ def table_paths(table: dict) -> list[list[str]]:
 
 
 def disagreements(env, gs, table: dict, i: int, j: int, command: str, names: list[str]) -> list[str]:
-    """Where the engine, after `command` at table state i, disagrees with the table's move to state j. A
-    command the table does not hold (another game's) should leave the state as it is and read nothing."""
+    """Where the engine, after `command` at table state i, disagrees with the table's move to state j: the
+    state, the reply, the room, the inventory, the commands admitted, won and lost. A command the table does
+    not hold (another game's) should leave the state as it is and read nothing."""
     s = table["states"][j]
-    reply = ("" if command not in table["commands"]
-             else table["feedbacks"][table["states"][i]["feedback"][table["commands"].index(command)]])
-    want = {"state": s["key"], "reply": reply, "room": s["room"], "inventory": s["inventory"], "won": s["won"]}
-    got = {"state": state_key(env, gs, names), "reply": clean(gs.feedback, names), "room": clean(gs.description, names),
-           "inventory": clean(gs.inventory, names) or "nothing", "won": bool(gs.won)}
+    want = {"state": s["key"], "room": s["room"], "inventory": s["inventory"], "won": s["won"], "lost": s["lost"],
+            "admitted": [table["commands"][c] for c in s["admissible"]]}
+    if command is not None:  # None: the reset, whose opening banner is not shown
+        want["reply"] = ("" if command not in table["commands"]
+                         else table["feedbacks"][table["states"][i]["feedback"][table["commands"].index(command)]])
+    got = seen(env, gs, names)
+    got["state"], got["admitted"] = got.pop("key"), got.pop("admissible")
     return [f"state {i}, '{command}': {k} is {got[k]!r} live, {want[k]!r} in the table" for k in want
             if got[k] != want[k]]
 
@@ -250,15 +254,17 @@ def disagreements(env, gs, table: dict, i: int, j: int, command: str, names: lis
 def live_check(game: str, table: dict, episodes: int = 20, seed: int = 0, every_state: bool = False,
                max_steps: int = 12, admitted: float = 0.6, foreign: list[str] = ()) -> list[str]:
     """Random episodes on a fresh engine (a command the state admits with chance `admitted`, one of `foreign`,
-    commands of other games, with chance 0.1 where given, else any of the table's), and with every_state,
-    every admitted command at every state, each reached by replaying its path from a reset. Returns one line
-    per disagreement (empty: the table is exact on what was played)."""
-    names, env, rng = names_of(game), start(game), random.Random(seed)
-    bad = []
+    commands of other games, with chance 0.1 where given, else any of the table's). With every_state also:
+    every command of the table at every state, each after replaying the state's path from a reset; at each
+    state, TextWorld's own next step (policy_commands) must be one the table calls good; and every `foreign`
+    command at the start. Returns one line per disagreement (empty: the table is exact on what was played)."""
+    from worlds.textworld import distances  # the oracle the env uses
+    names, env, rng = names_of(game), start(game, policy=every_state), random.Random(seed)
+    gs = env.reset()
+    bad = [] if clean(gs.objective, names) == table["task"] else [f"{game}: the task differs from the table's"]
+    bad += disagreements(env, gs, table, 0, 0, None, names)
     for _ in range(episodes):
         gs, i = env.reset(), 0
-        if state_key(env, gs, names) != table["states"][0]["key"]:
-            return [f"{game}: the start state differs from the table's"]
         for _ in range(max_steps):
             s = table["states"][i]
             if s["won"] or s["lost"]:
@@ -274,16 +280,47 @@ def live_check(game: str, table: dict, episodes: int = 20, seed: int = 0, every_
             bad += disagreements(env, gs, table, i, j, command, names)
             i = j
     if every_state:
+        dist = distances(table)
         for i, path in enumerate(table_paths(table)):
-            for c in table["states"][i]["admissible"]:
-                command = table["commands"][c]
+            s = table["states"][i]
+            if s["won"] or s["lost"]:
+                continue
+            plan = replay(env, path).policy_commands
+            c = table["commands"].index(plan[0]) if plan and plan[0] in table["commands"] else None
+            if c is None or dist[s["next"][c]] != dist[i] - 1:
+                bad.append(f"state {i}: TextWorld's next step {plan[:1]} is not a good command in the table")
+            for c, command in enumerate(table["commands"]):
                 gs = replay(env, path + [command])
-                bad += disagreements(env, gs, table, i, table["states"][i]["next"][c], command, names)
+                bad += disagreements(env, gs, table, i, s["next"][c], command, names)
+        for command in foreign:
+            gs = replay(env, [command])
+            bad += disagreements(env, gs, table, 0, 0, command, names)
     return bad
 
-# ---------------------------------------------------------------------------------------------
-# The families and the command line
-# ---------------------------------------------------------------------------------------------
+
+FUNCTION_WORDS = frozenset("take put drop open close lock unlock insert examine eat go look inventory from on into "
+                           "with in".split())
+
+
+def family_extras(game: str, table: dict, family: list[str], probes: int = 5, seed: int = 0) -> list[str]:
+    """The commands of other games (`family`) that the game's table must also hold: every one whose words,
+    verbs and prepositions aside, are all words of this game's names (the parser takes a part of a name:
+    another game's "take key" takes this game's rectangular key), and every one that changes the state or
+    draws a non-empty reply at the start or at `probes` - 1 other states drawn at random."""
+    names = names_of(game)
+    name_words = {w for n in names for w in n.split()} | set(DIRECTIONS)
+    others = [c for c in family if c not in table["commands"]]
+    extras = {c for c in others if set(c.split()) - FUNCTION_WORDS <= name_words}
+    env, rng = start(game), random.Random(seed)
+    paths = table_paths(table)
+    live = [i for i, st in enumerate(table["states"]) if not (st["won"] or st["lost"])]
+    for i in [0] + rng.sample(live[1:], min(probes - 1, len(live) - 1)):
+        key = table["states"][i]["key"]
+        for c, after in expand(env, paths[i], key, [c for c in others if c not in extras], names).items():
+            if after["key"] != key or after["reply"]:
+                extras.add(c)
+    return sorted(extras)
+
 
 FAMILIES = {  # split -> (seeds, world size, objects, quest length): held-out games have a third room
     "train": (range(1, 17), 2, 4, 3),
@@ -295,30 +332,51 @@ def table_name(split: str, seed: int) -> str:
     return f"{split}-{seed}.json"
 
 
-def build_family(games_dir: str, out: str, force: bool = False):
-    """Generate every game of FAMILIES into games_dir and store its table in out (skipping stored ones)."""
+def store_table(out: str, name: str, game: str, made_by: list[str], also: list[str]) -> dict:
+    """Build one game's table, write it to out/<name>.json and say so."""
+    t = time.time()
+    table = build_table(game, also=also, made_by=made_by)
+    with open(os.path.join(out, name + ".json"), "w") as f:
+        json.dump(table, f, separators=(",", ":"))
+    print(f"{name}: {len(table['states'])} states, {len(table['commands'])} commands ({len(also)} of other "
+          f"games), {time.time() - t:.0f} s", flush=True)
+    return table
+
+
+def build_family(games_dir: str, out: str, force: bool = False) -> dict:
+    """Generate every game of FAMILIES into games_dir and store its table in out: first with the game's own
+    commands (a stored table is kept unless `force`), then, until no table changes, rebuilt with the other
+    games' commands that may act in it (family_extras): the env offers every game's commands in every game."""
     os.makedirs(games_dir, exist_ok=True)
     os.makedirs(out, exist_ok=True)
+    games, tables = {}, {}
     for split, (seeds, size, objects, quest) in FAMILIES.items():
         for seed in seeds:
-            path = os.path.join(out, table_name(split, seed))
+            name = f"{split}-{seed}"
+            command = make_command(seed, size, objects, quest, os.path.join(games_dir, name + ".z8"))
+            games[name] = (generate(command), command[:-3] + ["--output", name + ".z8"])
+            path = os.path.join(out, name + ".json")
             if os.path.exists(path) and not force:
-                continue
-            command = make_command(seed, size, objects, quest, os.path.join(games_dir, f"{split}-{seed}.z8"))
-            t = time.time()
-            made_by = command[:-3] + ["--output", f"{split}-{seed}.z8"]
-            table = build_table(generate(command), made_by=made_by)
-            with open(path, "w") as f:
-                json.dump(table, f, separators=(",", ":"))
-            print(f"{path}: {len(table['states'])} states, {len(table['commands'])} commands, "
-                  f"{time.time() - t:.0f} s", flush=True)
+                with open(path) as f:
+                    tables[name] = json.load(f)
+            else:
+                tables[name] = store_table(out, name, *games[name], also=[])
+    while True:
+        family = sorted({c for t in tables.values() for c in t["commands"]})
+        todo = {name: family_extras(game, tables[name], family) for name, (game, _) in games.items()}
+        todo = {name: extras for name, extras in todo.items() if extras}
+        if not todo:
+            return tables
+        for name, extras in todo.items():
+            tables[name] = store_table(out, name, *games[name], also=sorted(set(tables[name]["also"]) | set(extras)))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m worlds.textworld_tables", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--games", default="runs/textworld-games", help="where tw-make writes the game files")
-    p.add_argument("--out", default=TABLES, help="where the tables go")
+    p.add_argument("--out", help=f"where the tables go (default: {os.path.relpath(TABLES)} for the families, the "
+                                 "current folder for --game)")
     p.add_argument("--force", action="store_true", help="rebuild tables that are already stored")
     p.add_argument("--game", help="instead of the families: build the table of this one game file (.z8 with its "
                                   ".json beside it) into --out")
@@ -326,6 +384,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         import_textworld()
+        args.out = args.out or (os.curdir if args.game else TABLES)
         if args.game and not args.check:
             table = build_table(args.game, made_by=None)
             path = os.path.join(args.out, os.path.splitext(os.path.basename(args.game))[0] + ".json")

@@ -1546,8 +1546,8 @@ def test_the_twin_pairs_are_distinct_state_pairs_a_few_words_apart_with_a_comman
     assert len(keys) == len(pairs)
     shown = collections.defaultdict(list)  # observation -> every (task, state) that shows it
     for task, table in enumerate(env.games):
-        for i, st in enumerate(table["states"]):
-            for j, f in zip(st["next"], st["feedback"]):
+        for i, row in enumerate(table["states"]):
+            for j, f in zip(row["next"], row["feedback"]):
                 if j is not None:
                     shown[textworld_world.observation(table, j, table["feedbacks"][f])].append((task, j))
             if i == 0:

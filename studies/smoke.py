@@ -87,6 +87,10 @@ def rows(tmp: str) -> list[tuple[str, list[str]]]:
         ("repaired", study("repaired", *pairs, "--endpoint-from", "1")),
         ("minigrid-solve", study("replicate", "--solve", *rooms)),
         ("minigrid", study("replicate", *rooms, "--seeds", "8301-8302")),
+        ("textworld-solve", study("textgame", "--solve", "--iters", "2", "--store", f"{tmp}/store/textworld",
+                                  "--runs", f"{S}/textworld", "--out", R)),
+        ("textworld", study("textgame", "--iters", "2", "--seeds", "8601-8602", "--store", f"{tmp}/store/textworld",
+                            "--runs", f"{S}/textworld", "--out", R)),
         ("headstart", study("headstart", "--out", R)),
         ("tables", study("coupling", *tables)),
         ("tables", study("channels", *tables)),
@@ -95,6 +99,9 @@ def rows(tmp: str) -> list[tuple[str, list[str]]]:
         ("tables", study("replicate", *tables)),
         ("tables", study("headstart", "--out", T)),
         ("tables", study("demo", "--tables", "--out", T)),
+        ("tables", study("mechanism", "--tables", "--out", T)),
+        ("tables", study("textgame", "--solve", "--tables", "--out", T)),
+        ("tables", study("textgame", "--tables", "--out", T)),
     ]
 
 

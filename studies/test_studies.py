@@ -78,6 +78,17 @@ def test_the_stored_demo_pairs_regenerate_the_committed_demo_report_exactly(tmp_
     assert (tmp_path / "demo.md").read_text() == open(os.path.join(ROOT, "results", "demo.md")).read()
 
 
+def test_each_tasks_pairs_come_from_its_own_envs_sampler():
+    """The pairs a report reads for a task are the ones that task's runs logged: Kitchen's for every Kitchen
+    regime, the TextWorld games' for textworld (whose name also starts with 'text')."""
+    kitchen = envs.KitchenEnv(split="train").twin_pairs(twins.PAIRS, seed=8601)[0]["note"]
+    for task in ("text", "text-mlm", "text-weak"):
+        assert twins.pairs_of(task, 8601)[0]["note"] == kitchen
+    textworld = gym.make("grpo_cls/TextWorld-Small-v0").unwrapped.twin_pairs(twins.PAIRS, seed=8601)
+    assert [p["note"] for p in twins.pairs_of("textworld", 8601)] == [p["note"] for p in textworld]
+    assert textworld[0]["note"] != kitchen
+
+
 @pytest.mark.parametrize("args, report", [(["--solve"], "textworld-solve.md"), ([], "textworld.md")])
 def test_the_stored_textworld_runs_regenerate_the_committed_textworld_reports_exactly(tmp_path, args, report):
     out = subprocess.run([sys.executable, "-m", "studies.textgame", *args, "--tables", "--out", str(tmp_path)],

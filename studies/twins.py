@@ -131,11 +131,11 @@ def per_seed(m: dict, pairs: list, plain: dict | None = None, withheld=None) -> 
 def pairs_of(task: str, seed: int) -> list[dict]:
     """The PAIRS pairs every run of (task, seed) logged: the sampler is a pure function of the seed, and
     grpo_cls.probes_and_pairs calls it on the default env (a withhold run's env samples from every goal)."""
-    if task.startswith("text"):
+    if TASKS[task]["env"] == "text":  # Kitchen, in every regime (text-mlm, text-weak, ...)
         return envs.KitchenEnv(split="train").twin_pairs(PAIRS, seed=seed)
-    if task == "grid":
+    if TASKS[task]["env"] == "grid":
         return envs.LavaGridEnv(split="train").twin_pairs(PAIRS, seed=seed)
-    env_id = g.ENV_ALIASES.get(TASKS[task]["env"], TASKS[task]["env"])  # a MiniGrid room
+    env_id = g.ENV_ALIASES.get(TASKS[task]["env"], TASKS[task]["env"])  # a MiniGrid room or the TextWorld games
     return gym.make(env_id, split="train").unwrapped.twin_pairs(PAIRS, seed=seed)
 
 

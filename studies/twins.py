@@ -295,8 +295,9 @@ def plot_dose(runs: dict, seeds: list[int], path: str, tasks=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.2), squeeze=False)
-    for col, task in enumerate(tasks or ARMS_OF):
+    tasks = list(tasks or ARMS_OF)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7.2), squeeze=False)  # a column a task
+    for col, task in enumerate(tasks):
         for row, key in enumerate(("C1", "gain")):
             ax = axes[row, col]
             for arm, colour in (("plain", "tab:red"), ("cls-oracle", "tab:blue")):

@@ -130,7 +130,7 @@ repaired: $(STAMP)  ## the repaired loop labels (results/PROTOCOL.md): classifie
 textworld-solve: $(STAMP)  ## does GRPO train the TextWorld games? seed 1, 2 runs (results/textworld-solve.md)
 	$(PY) -m studies.textgame --solve
 
-textworld: $(STAMP)  ## the TextWorld replication of the dose-response (results/PROTOCOL.md): 32 runs, ~25 min on 2 cores
+textworld: $(STAMP)  ## the TextWorld replication of the dose-response (results/PROTOCOL.md): 32 runs, ~10 min on 2 cores
 	$(PY) -m studies.textgame
 
 minigrid-solve: $(VENV)/.minigrid  ## does GRPO train the MiniGrid rooms? seed 1, 6 runs (results/minigrid-solve.md)

@@ -1588,6 +1588,17 @@ def test_only_the_table_builder_imports_textworld_and_only_inside_a_function(mod
     assert ("textworld" in inner) == (module == "worlds/textworld_tables.py")
 
 
+def test_without_textworld_the_games_are_made_and_played_from_the_stored_tables():
+    code = ("import sys; sys.modules['textworld'] = None; sys.modules['jericho'] = None\n"  # as if not installed
+            "import gymnasium as gym, envs\n"
+            "env = gym.make('grpo_cls/TextWorld-Small-v0').unwrapped\n"
+            "env.reset(options={'task': 0})\n"
+            "while not env.step(env.optimal_action())[2]:\n    pass\n"
+            "print(env.table['states'][env.state]['won'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-500:]
+
+
 def test_without_textworld_the_table_builder_says_how_to_install_it_in_one_line():
     code = ("import sys, runpy; sys.modules['textworld'] = None\n"
             "runpy.run_module('worlds.textworld_tables', run_name='__main__')\n")

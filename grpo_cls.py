@@ -57,11 +57,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import envs  # registers grpo_cls/LavaGrid-v0, grpo_cls/Kitchen-v0 and the MiniGrid rooms
+import envs  # registers grpo_cls/LavaGrid-v0, grpo_cls/Kitchen-v0, the MiniGrid rooms and the TextWorld games
 
-ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0",  # MiniGrid rooms, with an oracle:
-               **{name: f"grpo_cls/{name}" for name in envs.MINIGRID_ROOMS},  # pip install minigrid==3.2.0
-               **{name: f"grpo_cls/{name}" for name in envs.TEXTWORLD_GAMES}}  # from stored tables
+ENV_ALIASES = {"grid": "grpo_cls/LavaGrid-v0", "text": "grpo_cls/Kitchen-v0",  # and MiniGrid rooms, TextWorld games
+               **{name: f"grpo_cls/{name}" for name in {**envs.MINIGRID_ROOMS, **envs.TEXTWORLD_GAMES}}}
 CLS_LABELS = ("oracle", "advantage")  # studies/arms.py adds the label sources built from the agent's view
 SCALE_REWARDS = ("group", "batch", "none")
 ACTION_MASKS = ("env", "none")
@@ -82,9 +81,8 @@ def arg(default, help: str, choices=None):
 
 @dataclass
 class Config:
-    env: str = arg("text", "task: 'text' (Kitchen), 'grid' (LavaGrid), a MiniGrid room in words with an oracle "
-                   "(MiniGrid-*; pip install minigrid==3.2.0), TextWorld-Small-v0 (TextWorld games from stored "
-                   "tables), or any registered gymnasium id")
+    env: str = arg("text", "task: 'text' (Kitchen), 'grid' (LavaGrid), a MiniGrid room in words (MiniGrid-*; "
+                   "pip install minigrid==3.2.0), TextWorld-Small-v0 (stored games), or any registered gymnasium id")
     env_kwargs: str = arg("{}", "JSON object of keyword arguments for gymnasium.make")
     seed: int = arg(1, "seed for torch, task sampling, env noise and action sampling")
     iters: int = arg(45, "GRPO iterations (rollout + update)")

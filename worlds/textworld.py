@@ -86,17 +86,22 @@ def observation(table: dict, state: int, reply: str) -> str:
 @functools.lru_cache(maxsize=4)
 def family(folder: str) -> dict:
     """Both splits' tables and what they share, read once per folder (a run makes hundreds of envs; none
-    changes a table): the commands of every game, the vocabulary, the most words an observation has."""
+    changes a table): the commands of every game, the vocabulary, the most words an observation has, the
+    oracle's distances and each game's commands in the family's numbering."""
     tables = {k: load_tables(folder, k) for k in ("train", "heldout")}
     commands = sorted({c for k in tables for t in tables[k] for c in t["commands"]})
     texts = [observation(t, 0, "") for k in tables for t in tables[k]]
     texts += [observation(t, j, t["feedbacks"][f]) for k in tables for t in tables[k] for s in t["states"]
               for j, f in zip(s["next"], s["feedback"]) if j is not None]  # every state after every reply
+    texts = set(texts)
+    index = {c: i for i, c in enumerate(commands)}
     return {"tables": tables, "commands": commands,
-            "vocab": sorted({w for x in set(texts) for w in x.split()} | {w for c in commands for w in c.split()}),
-            "max_words": max(len(x.split()) for x in set(texts)),
-            "charset": "".join(sorted({ch for x in set(texts) for ch in x})),
-            "dist": {k: [distances(t) for t in tables[k]] for k in tables}}
+            "vocab": sorted({w for x in texts for w in x.split()} | {w for c in commands for w in c.split()}),
+            "max_words": max(len(x.split()) for x in texts),
+            "charset": "".join(sorted({ch for x in texts for ch in x})),
+            "dist": {k: [distances(t) for t in tables[k]] for k in tables},
+            "local": {k: [{c: i for i, c in enumerate(t["commands"])} for t in tables[k]] for k in tables},
+            "to_family": {k: [np.array([index[c] for c in t["commands"]]) for t in tables[k]] for k in tables}}
 
 
 class TableTextWorld(gym.Env):
@@ -115,9 +120,8 @@ class TableTextWorld(gym.Env):
         self.games, self.dist = shared["tables"][split], shared["dist"][split]
         self.action_names = self.commands = shared["commands"]
         self.action_space = spaces.Discrete(len(self.action_names))
-        self.local = [{c: i for i, c in enumerate(t["commands"])} for t in self.games]  # family -> game command
-        family_index = {c: i for i, c in enumerate(self.action_names)}
-        self.to_family = [np.array([family_index[c] for c in t["commands"]]) for t in self.games]  # game -> family
+        self.local = shared["local"][split]          # per game: family command -> the game's command index
+        self.to_family = shared["to_family"][split]  # per game: the game's command index -> family action
         self.vocab, self.max_words = shared["vocab"], shared["max_words"]
         self.observation_space = spaces.Text(max_length=8 * self.max_words, charset=shared["charset"])
 
